@@ -1,0 +1,471 @@
+"""Loading Z-Image components from either file layout, straight onto the chosen device.
+
+Two sources produce the same three modules (diffusers ZImageTransformer2DModel,
+transformers Qwen3Model, diffusers AutoencoderKL):
+  * a diffusers folder (models/diffusers/<name>/ with model_index.json), and
+  * ComfyUI's split files (diffusion_models/, text_encoders/, vae/) plus the Qwen
+    tokenizer files ComfyUI ships.
+Modules are created with parameters on the meta device (no init, no memory), then
+the tensors read from disk onto the target device are assigned in place.
+Components are cached process-wide, keyed by (files + size + mtime, dtype, device),
+so re-queuing never reloads and changing one setting reloads only what it affects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import key_maps
+from .errors import InvalidSettingError, ModelFileError
+from .model_config import TEXT_ENCODER_HIDDEN_LAYER_FROM_END, TRANSFORMER_CONFIG, VAE_CONFIG
+from .safetensors_io import TensorEntry, list_tensors, load_entries, refuse_pickle
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+# ---------------------------------------------------------------- identities
+
+
+@dataclass(frozen=True)
+class FileId:
+    """A file as the cache sees it: a changed size or mtime means a different file."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> "FileId":
+        path = Path(path)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ModelFileError(f"{path}: file not found.") from None
+        return cls(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+# ------------------------------------------------------------------ sources
+
+
+@dataclass(frozen=True)
+class DiffusersFolder:
+    root: Path
+
+    def describe(self) -> str:
+        return f"diffusers folder {self.root.name}"
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    transformer: Path
+    text_encoder: Path
+    vae: Path
+    tokenizer_dir: Path
+
+    def describe(self) -> str:
+        return f"{self.transformer.name} + {self.text_encoder.name} + {self.vae.name}"
+
+
+ModelSource = DiffusersFolder | SplitFiles
+
+
+def _component_files(folder: Path, what: str) -> list[Path]:
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder.parent.name}: the diffusers folder has no {folder.name}/ subfolder ({what}).")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
+        if pickles:
+            refuse_pickle(folder / pickles[0])
+        raise ModelFileError(f"{folder}: no .safetensors weights found for the {what}.")
+    return files
+
+
+def source_files(source: ModelSource) -> dict[str, list[Path]]:
+    """The weight files of each component; raises a clear error for anything missing."""
+    if isinstance(source, DiffusersFolder):
+        root = Path(source.root)
+        if not (root / "model_index.json").is_file():
+            raise ModelFileError(f"{root}: not a diffusers model folder (no model_index.json).")
+        return {
+            "transformer": _component_files(root / "transformer", "transformer"),
+            "text_encoder": _component_files(root / "text_encoder", "text encoder"),
+            "vae": _component_files(root / "vae", "VAE"),
+        }
+    out = {}
+    for part, path in (("transformer", source.transformer), ("text_encoder", source.text_encoder), ("vae", source.vae)):
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: file not found (the {part.replace('_', ' ')} file).")
+        refuse_pickle(path)
+        out[part] = [path]
+    return out
+
+
+# ------------------------------------------------------- empty construction
+
+
+@contextlib.contextmanager
+def params_on_meta():
+    """Create modules whose parameters live on the meta device: no memory, no init cost.
+
+    Buffers (e.g. rotary frequencies) are still created normally, they are small.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _assign(model: nn.Module, sd: dict[str, torch.Tensor], what: str, source: str) -> nn.Module:
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - sd.keys())
+    unexpected = sorted(sd.keys() - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} weights (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unknown weights (e.g. {', '.join(unexpected[:3])})")
+        raise ModelFileError(
+            f"{source}: does not look like a Z-Image {what}: {'; '.join(parts)}. Check that the right file is "
+            "selected for this slot."
+        )
+    params = dict(model.named_parameters())
+    for k, v in sd.items():
+        ref = params.get(k)
+        if ref is not None and tuple(ref.shape) != tuple(v.shape):
+            raise ModelFileError(f"{source}: weight {k} has shape {tuple(v.shape)}, the {what} expects {tuple(ref.shape)}.")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------- config inference
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: cannot read config ({exc}).") from None
+
+
+def _shapes(entries: list[TensorEntry]) -> dict[str, tuple[int, ...]]:
+    return {e.name: e.shape for e in entries}
+
+
+def _count(names, prefix: str) -> int:
+    idx = {int(n[len(prefix):].split(".")[0]) for n in names if n.startswith(prefix) and n[len(prefix):].split(".")[0].isdigit()}
+    return max(idx) + 1 if idx else 0
+
+
+def transformer_config_from_weights(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
+    """The transformer config, read off the tensor shapes of a ComfyUI/original file."""
+    names = [key_maps.strip_transformer_prefix(n) for n in shapes]
+    shapes = {key_maps.strip_transformer_prefix(n): s for n, s in shapes.items()}
+    if "cap_embedder.1.weight" not in shapes or "layers.0.attention.qkv.weight" not in shapes:
+        raise ModelFileError(
+            f"{source}: this is not a Z-Image diffusion model (no cap_embedder / fused attention.qkv weights)."
+        )
+    dim, cap = shapes["cap_embedder.1.weight"]
+    head_dim = shapes["layers.0.attention.q_norm.weight"][0]
+    axes = list(TRANSFORMER_CONFIG["axes_dims"]) if head_dim == 128 else [head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8]
+    return dict(
+        TRANSFORMER_CONFIG,
+        dim=dim,
+        cap_feat_dim=cap,
+        n_layers=_count(names, "layers."),
+        n_refiner_layers=_count(names, "noise_refiner."),
+        n_heads=dim // head_dim,
+        n_kv_heads=dim // head_dim,
+        in_channels=shapes["x_embedder.weight"][1] // 4,
+        axes_dims=axes,
+    )
+
+
+def text_encoder_config_from_weights(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
+    shapes = {key_maps.text_encoder_file_name_to_model(n): s for n, s in shapes.items()}
+    if "embed_tokens.weight" not in shapes or "layers.0.self_attn.q_norm.weight" not in shapes:
+        raise ModelFileError(f"{source}: this is not a Qwen3 text encoder (no embed_tokens / q_norm weights).")
+    vocab, hidden = shapes["embed_tokens.weight"]
+    head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
+    from .model_config import TEXT_ENCODER_CONFIG
+
+    return dict(
+        TEXT_ENCODER_CONFIG,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=shapes["layers.0.mlp.gate_proj.weight"][0],
+        num_hidden_layers=_count(shapes, "layers."),
+        num_attention_heads=shapes["layers.0.self_attn.q_proj.weight"][0] // head_dim,
+        num_key_value_heads=shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim,
+        head_dim=head_dim,
+    )
+
+
+def vae_config_from_weights(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
+    if "encoder.conv_in.weight" not in shapes or "decoder.conv_in.weight" not in shapes:
+        raise ModelFileError(f"{source}: this is not a VAE file (no encoder/decoder conv_in weights).")
+    n_blocks = _count(shapes, "encoder.down.")
+    channels = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(n_blocks)]
+    return dict(
+        VAE_CONFIG,
+        block_out_channels=channels,
+        down_block_types=["DownEncoderBlock2D"] * n_blocks,
+        up_block_types=["UpDecoderBlock2D"] * n_blocks,
+        layers_per_block=_count(shapes, "encoder.down.0.block."),
+        latent_channels=shapes["decoder.conv_in.weight"][1],
+    )
+
+
+# ------------------------------------------------------------ the loaders
+
+
+@dataclass
+class LoadTiming:
+    seconds: float = 0.0
+    bytes: int = 0
+
+
+def _load_transformer(files: list[Path], source: ModelSource, device, dtype) -> tuple[nn.Module, int]:
+    from diffusers import ZImageTransformer2DModel
+
+    entries = [e for f in files for e in list_tensors(f)]
+    if isinstance(source, DiffusersFolder):
+        cfg = {k: v for k, v in _read_json(Path(source.root) / "transformer" / "config.json").items() if not k.startswith("_")}
+        cfg.setdefault("axes_lens", TRANSFORMER_CONFIG["axes_lens"])  # diffusers' default is wrong for Z-Image
+        rename: Callable[[dict], dict] = lambda sd: sd
+    else:
+        cfg = transformer_config_from_weights(_shapes(entries), files[0].name)
+        entries = [e for e in entries if key_maps.strip_transformer_prefix(e.name) != "norm_final.weight"]
+        rename = key_maps.transformer_original_to_diffusers
+    with params_on_meta():
+        model = ZImageTransformer2DModel(**cfg)
+    sd = rename(load_entries(entries, device, dtype))
+    return _assign(model, sd, "diffusion model", files[0].name).to(device), sum(e.nbytes for e in entries)
+
+
+def _load_text_encoder(files: list[Path], source: ModelSource, device, dtype, pin: bool) -> tuple[nn.Module, int]:
+    from transformers import Qwen3Config, Qwen3Model
+
+    entries = [e for f in files for e in list_tensors(f)]
+    if isinstance(source, DiffusersFolder):
+        cfg = _read_json(Path(source.root) / "text_encoder" / "config.json")
+        cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")}
+    else:
+        cfg = text_encoder_config_from_weights(_shapes(entries), files[0].name)
+    # hidden_states[-2] is the output of the second-to-last layer: the last layer and
+    # the final norm are never needed, so they are neither loaded nor run.
+    keep_layers = cfg["num_hidden_layers"] - (TEXT_ENCODER_HIDDEN_LAYER_FROM_END - 1)
+    cfg = dict(cfg, num_hidden_layers=keep_layers, use_cache=False)
+    cfg.pop("layer_types", None)
+
+    selected = []
+    for e in entries:
+        name = key_maps.text_encoder_file_name_to_model(e.name)
+        if name is None or name == "norm.weight":
+            continue
+        if name.startswith("layers.") and int(name.split(".")[1]) >= keep_layers:
+            continue
+        selected.append((name, e))
+    with params_on_meta():
+        model = Qwen3Model(Qwen3Config(**cfg))
+    model.norm = nn.Identity()
+    target = "cpu" if pin else device
+    raw = load_entries([e for _, e in selected], target, dtype)
+    sd = {name: raw[e.name] for name, e in selected}
+    if pin:
+        sd = {k: v.pin_memory() for k, v in sd.items()}
+    model = _assign(model, sd, "text encoder", files[0].name)
+    # Buffers (rotary frequencies) follow the compute device; weights stay where they were put.
+    for mod in model.modules():
+        for bname, buf in list(mod._buffers.items()):
+            if buf is not None:
+                mod._buffers[bname] = buf.to(device)
+    return model, sum(e.nbytes for _, e in selected)
+
+
+def _load_vae(files: list[Path], source: ModelSource, device, dtype) -> tuple[nn.Module, int]:
+    from diffusers import AutoencoderKL
+
+    entries = [e for f in files for e in list_tensors(f)]
+    if isinstance(source, DiffusersFolder):
+        cfg = {k: v for k, v in _read_json(Path(source.root) / "vae" / "config.json").items() if not k.startswith("_")}
+        convert = None
+    else:
+        cfg = vae_config_from_weights(_shapes(entries), files[0].name)
+        convert = len(cfg["block_out_channels"])
+    with params_on_meta():
+        model = AutoencoderKL(**cfg)
+    sd = load_entries(entries, device, dtype)
+    if convert is not None:
+        sd = key_maps.vae_original_to_diffusers(sd, list(model.state_dict().keys()), convert)
+    return _assign(model, sd, "VAE", files[0].name).to(device), sum(e.nbytes for e in entries)
+
+
+def load_tokenizer(source: ModelSource):
+    """The Qwen tokenizer: the diffusers folder's own, or the files ComfyUI ships for split files."""
+    from transformers import AutoTokenizer
+
+    folder = Path(source.root) / "tokenizer" if isinstance(source, DiffusersFolder) else Path(source.tokenizer_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise ModelFileError(f"{folder}: no usable tokenizer files ({type(exc).__name__}: {exc}).") from None
+    # The chat template's markers must be single special tokens, or the prompt is encoded wrongly.
+    for marker in ("<|im_start|>", "<|im_end|>"):
+        if len(tok(marker, add_special_tokens=False).input_ids) != 1:
+            raise ModelFileError(f"{folder}: the tokenizer does not know the {marker} token; it is not a Qwen tokenizer.")
+    return tok
+
+
+# ------------------------------------------------------------- the cache
+
+
+@dataclass
+class CachedComponent:
+    module: nn.Module
+    key: tuple
+    load_seconds: float
+    bytes_read: int
+    loaded_at: float = field(default_factory=time.time)
+
+
+class ComponentCache:
+    """Process-wide cache of loaded components; released explicitly (e.g. by ComfyUI's /free)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._items: dict[tuple, CachedComponent] = {}
+        self.loads = 0  # how many components were read from disk, ever
+
+    def get_or_load(self, key: tuple, loader: Callable[[], tuple[nn.Module, int]]) -> tuple[CachedComponent, bool]:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                return hit, True
+            t0 = time.perf_counter()
+            module, nbytes = loader()
+            item = CachedComponent(module, key, time.perf_counter() - t0, nbytes)
+            self._items[key] = item
+            self.loads += 1
+            return item, False
+
+    def drop(self, keys) -> int:
+        with self._lock:
+            n = 0
+            for k in list(keys):
+                if self._items.pop(k, None) is not None:
+                    n += 1
+            return n
+
+    def keys(self) -> list[tuple]:
+        with self._lock:
+            return list(self._items)
+
+    def clear(self) -> int:
+        return self.drop(self.keys())
+
+
+COMPONENTS = ComponentCache()
+
+
+def resolve_device(name: str, auto_device: torch.device | None = None) -> torch.device:
+    if name in ("auto", "", None):
+        if auto_device is not None:
+            return torch.device(auto_device)
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InvalidSettingError(f"unknown device {name!r}: use auto, cpu or cuda:N.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidSettingError(f"device {name} was asked for but this machine has no CUDA GPU; use auto or cpu.")
+        index = 0 if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise InvalidSettingError(
+                f"device {name} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0..)."
+            )
+        dev = torch.device("cuda", index)
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name in ("auto", "", None):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    if name not in DTYPES:
+        raise InvalidSettingError(f"unknown dtype {name!r}: use auto, bf16, fp16 or fp32.")
+    return DTYPES[name]
+
+
+@dataclass
+class LoadedComponents:
+    transformer: CachedComponent
+    text_encoder: CachedComponent
+    vae: CachedComponent
+    tokenizer: Any
+    source: ModelSource
+    fresh_loads: dict[str, float]  # component -> seconds, for components read from disk by this call
+    keys: tuple[tuple, ...]
+
+
+def load_components(source: ModelSource, device: torch.device, dtype: torch.dtype, te_on_host: bool) -> LoadedComponents:
+    """Load (or fetch from the cache) the three modules and the tokenizer for `source`."""
+    files = source_files(source)
+    dname = DTYPE_NAMES[dtype]
+    fresh = {}
+
+    def key(part):
+        return (part, tuple(FileId.of(p) for p in files[part]), dname, str(device))
+
+    loaders = {
+        "transformer": lambda: _load_transformer(files["transformer"], source, device, dtype),
+        # The text encoder's key ignores where it sits (device or pinned host): moving it is cheap.
+        "text_encoder": lambda: _load_text_encoder(files["text_encoder"], source, device, dtype, pin=te_on_host),
+        "vae": lambda: _load_vae(files["vae"], source, device, dtype),
+    }
+    out = {}
+    keys = []
+    for part, loader in loaders.items():
+        k = key(part)
+        keys.append(k)
+        try:
+            item, hit = COMPONENTS.get_or_load(k, loader)
+        except torch.OutOfMemoryError:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            from .errors import OutOfMemoryError
+
+            raise OutOfMemoryError(
+                f"out of memory on {device} while loading the {part.replace('_', ' ')}: free memory (unload other "
+                "models), choose memory=offload_text_encoder or low_vram, or another device."
+            ) from None
+        if not hit:
+            fresh[part] = item.load_seconds
+        out[part] = item
+    return LoadedComponents(
+        out["transformer"], out["text_encoder"], out["vae"], load_tokenizer(source), source, fresh, tuple(keys)
+    )

@@ -1,0 +1,393 @@
+"""The Turbo pipeline: cached components + memory placement + LoRA state + the 8-step sampler.
+
+Heavy state lives with the cached component it belongs to (LoRA adapters with the
+transformer, the prompt-embedding cache with the text encoder), so two pipelines
+that share a component also share, and never fight over, that state.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import device_stats, fp16_guard
+from .errors import InvalidSettingError, OutOfMemoryError, ZImageError
+from .loading import COMPONENTS, DTYPE_NAMES, CachedComponent, LoadedComponents, ModelSource, load_components
+from .lora import LORA_FILES, LoraApplyReport, LoraManager, LoraSpec
+from .model_config import CHAT_TEMPLATE, LATENT_CHANNELS, MAX_PROMPT_TOKENS, SIZE_MULTIPLE, VAE_SCALE
+from .offload import BlockStreamer, text_encoder_blocks, transformer_blocks
+from .report import RunReport
+
+MEMORY_MODES = ("resident", "offload_text_encoder", "low_vram")
+MAX_SIDE = 4096
+MAX_BATCH = 16
+EMBED_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = 8
+    cfg: float = 0.0  # ComfyUI convention: <= 1 means no guidance (Turbo is distilled for it)
+    shift: float = 3.0
+    seed: int = 0
+    batch_size: int = 1
+
+    def validate(self) -> None:
+        for side, value in (("width", self.width), ("height", self.height)):
+            if value % SIZE_MULTIPLE or value < SIZE_MULTIPLE:
+                lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
+                raise InvalidSettingError(
+                    f"{side} {value} is not a multiple of {SIZE_MULTIPLE} (Z-Image works on 16-pixel patches): "
+                    f"use {lower} or {lower + SIZE_MULTIPLE}."
+                )
+            if value > MAX_SIDE:
+                raise InvalidSettingError(f"{side} {value} is above the supported {MAX_SIDE} pixels.")
+        if not 1 <= self.steps <= 200:
+            raise InvalidSettingError(f"steps {self.steps}: use 1 to 200 (Turbo is made for 8).")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise InvalidSettingError(f"batch size {self.batch_size}: use 1 to {MAX_BATCH}.")
+        if self.cfg < 0 or not np.isfinite(self.cfg):
+            raise InvalidSettingError(f"cfg {self.cfg}: use 0 (off, the Turbo default) or a value above 1.")
+        if self.shift <= 0:
+            raise InvalidSettingError(f"shift {self.shift}: must be positive (Turbo uses 3).")
+
+    @property
+    def guidance(self) -> bool:
+        return self.cfg > 1.0
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # [B, H, W, 3] float32 in 0..1, on the CPU (ComfyUI IMAGE)
+    latents: torch.Tensor  # [B, 16, H/8, W/8] float32, VAE space (ComfyUI LATENT samples)
+    report: RunReport
+
+
+def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """Z-Image's schedule: linspace(1, 1/steps) shifted by `shift`, then a final 0 (float32 throughout)."""
+    base = np.array(torch.linspace(1.0, 1.0 / steps, steps).tolist(), dtype=np.float32)
+    shifted = shift * base / (1 + (shift - 1) * base)
+    sigmas = torch.from_numpy(shifted).to(torch.float32)
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
+class _TextEncoderState:
+    def __init__(self):
+        self.embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.streamer: BlockStreamer | None = None
+        self.guards: list = []
+
+
+class _TransformerState:
+    def __init__(self, transformer):
+        self.lora = LoraManager(transformer)
+        self.streamer: BlockStreamer | None = None
+        self.guards: list = []
+
+
+def _state(component: CachedComponent, factory):
+    st = getattr(component, "state", None)
+    if st is None:
+        st = factory()
+        component.state = st
+    return st
+
+
+class TurboPipeline:
+    """One loaded Z-Image-Turbo: generate() runs LoRA apply, text encoding, denoising and decoding."""
+
+    def __init__(self, comps: LoadedComponents, device: torch.device, dtype: torch.dtype, memory: str):
+        self.comps = comps
+        self.device = device
+        self.dtype = dtype
+        self.memory = memory
+        self.transformer = comps.transformer.module
+        self.text_encoder = comps.text_encoder.module
+        self.vae = comps.vae.module
+        self.tokenizer = comps.tokenizer
+        self.tstate: _TransformerState = _state(comps.transformer, lambda: _TransformerState(self.transformer))
+        self.testate: _TextEncoderState = _state(comps.text_encoder, _TextEncoderState)
+        self.pending_loads: dict[str, float] = dict(comps.fresh_loads)
+        self.last_report: RunReport | None = None
+        self.lock = threading.Lock()
+        self.vae_fp32 = None
+        if dtype == torch.float16:
+            if not self.tstate.guards:
+                self.tstate.guards = fp16_guard.install_transformer_guards(self.transformer)
+            if not self.testate.guards:
+                self.testate.guards = fp16_guard.install_text_encoder_guards(self.text_encoder)
+
+    # ---------------------------------------------------------------- memory
+
+    def _apply_memory_mode(self) -> None:
+        """Put weights where the memory mode wants them (a no-op on the CPU, where all is host memory)."""
+        if self.device.type != "cuda":
+            return
+        stream_te = self.memory in ("offload_text_encoder", "low_vram")
+        stream_tr = self.memory == "low_vram"
+        for st, blocks_of, module, want in (
+            (self.testate, text_encoder_blocks, self.text_encoder, stream_te),
+            (self.tstate, transformer_blocks, self.transformer, stream_tr),
+        ):
+            if want and st.streamer is None:
+                st.streamer = BlockStreamer(blocks_of(module), self.device)
+            elif not want and st.streamer is not None:
+                st.streamer.remove(back_to_device=True)
+                st.streamer = None
+            if not want:
+                # A text encoder loaded into host memory for an offload mode, now wanted resident.
+                for p in module.parameters():
+                    if p.device != self.device:
+                        p.data = p.data.to(self.device)
+        torch.cuda.empty_cache()
+
+    def drop_streamers(self) -> None:
+        for st in (self.testate, self.tstate):
+            if st.streamer is not None:
+                st.streamer.remove(back_to_device=False)
+                st.streamer = None
+
+    # ------------------------------------------------------------ text input
+
+    def encode(self, text: str) -> tuple[torch.Tensor, bool, int, bool]:
+        """[tokens, hidden] embedding of the prompt at its own length; cached by text."""
+        cache = self.testate.embeddings
+        hit = cache.get(text)
+        if hit is not None:
+            cache.move_to_end(text)
+            return hit, True, hit.shape[0], False
+        templated = CHAT_TEMPLATE.format(prompt=text)
+        full = self.tokenizer(templated, add_special_tokens=False).input_ids
+        ids = full[:MAX_PROMPT_TOKENS]
+        ids_t = torch.tensor([ids], device=self.device)
+        with torch.inference_mode():
+            # The encoder was built without its last layer and final norm: its output is hidden_states[-2].
+            out = self.text_encoder(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), use_cache=False)
+        emb = out.last_hidden_state[0].to(self.dtype)
+        cache[text] = emb
+        while len(cache) > EMBED_CACHE_SIZE:
+            cache.popitem(last=False)
+        return emb, False, len(ids), len(full) > MAX_PROMPT_TOKENS
+
+    # -------------------------------------------------------------- denoise
+
+    def _model(self, latents: torch.Tensor, t_model: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
+        x = latents.to(self.dtype).unsqueeze(2)
+        out = self.transformer(list(x.unbind(0)), t_model, embeds, return_dict=False)[0]
+        return torch.stack([o.float() for o in out], dim=0).squeeze(2)
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        loras: list[LoraSpec] = (),
+        on_step: Callable[[int, int], None] | None = None,
+        check_interrupt: Callable[[], None] | None = None,
+    ) -> GenerationResult:
+        req.validate()
+        with self.lock:
+            try:
+                return self._generate(req, list(loras), on_step, check_interrupt)
+            except torch.OutOfMemoryError:
+                self._after_oom()
+                raise OutOfMemoryError(
+                    f"out of memory on {device_stats.device_name(self.device)} at {req.width}x{req.height}, batch "
+                    f"{req.batch_size}, memory mode {self.memory}: lower the size or batch, or choose "
+                    "memory=offload_text_encoder / low_vram, or unload other models."
+                ) from None
+
+    def _after_oom(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _generate(self, req, loras, on_step, check_interrupt) -> GenerationResult:
+        dev = self.device
+        cuda = dev.type == "cuda"
+        t_start = time.perf_counter()
+        report = RunReport.start(self, req)
+        report.load_s = dict(self.pending_loads)
+        self.pending_loads = {}
+        device_stats.reset_peak(dev)
+        self._apply_memory_mode()
+
+        t0 = time.perf_counter()
+        lora_rep: LoraApplyReport = self.tstate.lora.apply(loras)
+        device_stats.synchronize(dev)
+        report.set_lora(lora_rep, time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        pos, pos_hit, n_tok, truncated = self.encode(req.prompt)
+        neg = None
+        neg_hit = None
+        if req.guidance:
+            neg, neg_hit, _, _ = self.encode(req.negative_prompt)
+        device_stats.synchronize(dev)
+        report.text_encode_s = time.perf_counter() - t0
+        report.prompt_tokens = n_tok
+        report.prompt_truncated = truncated
+        report.embedding_cache_hit = pos_hit if neg_hit is None else (pos_hit and neg_hit)
+
+        B = req.batch_size
+        h, w = req.height // VAE_SCALE, req.width // VAE_SCALE
+        gen = torch.Generator("cpu").manual_seed(int(req.seed))
+        latents = torch.randn((B, LATENT_CHANNELS, h, w), generator=gen, dtype=torch.float32).to(dev)
+        sigmas = flow_sigmas(req.steps, req.shift).to(dev)
+        timesteps = sigmas[:-1] * 1000.0
+        embeds = [pos] * B + ([neg] * B if neg is not None else [])
+        g = req.cfg - 1.0  # ComfyUI's cfg c == diffusers' guidance c-1: pos + (c-1)(pos-neg)
+
+        t0 = time.perf_counter()
+        step_ends = []
+        events = []  # CUDA: events[i] .. events[i+1] brackets step i
+        if cuda:
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        with torch.inference_mode():
+            for i in range(req.steps):
+                if check_interrupt is not None:
+                    check_interrupt()
+                t = timesteps[i]
+                t_model = ((1000.0 - t.expand(B)) / 1000.0)
+                if neg is not None:
+                    pred = self._model(latents.repeat(2, 1, 1, 1), t_model.repeat(2), embeds)
+                    p, n = pred[:B], pred[B:]
+                    pred = p + g * (p - n)
+                else:
+                    pred = self._model(latents, t_model, embeds)
+                latents = latents + (sigmas[i + 1] - sigmas[i]) * (-pred)
+                if cuda:
+                    ev = torch.cuda.Event(enable_timing=True)
+                    ev.record()
+                    events.append(ev)
+                    # Wait for the previous step only: one step stays queued, so the GPU never idles
+                    # while the progress bar still reports finished steps.
+                    if i > 0:
+                        events[i].synchronize()
+                        if on_step:
+                            on_step(i, req.steps)
+                else:
+                    step_ends.append(time.perf_counter())
+                    if on_step:
+                        on_step(i + 1, req.steps)
+            report.nvml_during = device_stats.nvml_snapshot(dev)
+            device_stats.synchronize(dev)
+            if cuda and on_step:
+                on_step(req.steps, req.steps)
+        report.denoise_s = time.perf_counter() - t0
+        if cuda:
+            report.step_s = [events[i].elapsed_time(events[i + 1]) / 1000.0 for i in range(req.steps)]
+        else:
+            prev = t0
+            report.step_s = []
+            for end in step_ends:
+                report.step_s.append(end - prev)
+                prev = end
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            vae_latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            image, report.vae_fp32_fallback = self._decode(vae_latents)
+            images = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
+        report.vae_decode_s = time.perf_counter() - t0
+        report.total_s = time.perf_counter() - t_start
+        report.finish(self)
+        self.last_report = report
+        return GenerationResult(images, vae_latents.float().cpu(), report)
+
+    def _decode(self, vae_latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        image = self.vae.decode(vae_latents.to(self.vae.dtype), return_dict=False)[0]
+        if self.vae.dtype == torch.float16 and not torch.isfinite(image).all():
+            # The fp16 VAE overflowed on this image: decode it again in fp32 rather than return NaNs.
+            if self.vae_fp32 is None:
+                import copy
+
+                self.vae_fp32 = copy.deepcopy(self.vae).float()
+            return self.vae_fp32.decode(vae_latents.float(), return_dict=False)[0], True
+        return image, False
+
+
+# ---------------------------------------------------------------- registry
+
+_REGISTRY_LOCK = threading.RLock()
+_PIPELINES: dict[tuple, TurboPipeline] = {}
+
+
+def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, memory: str = "resident") -> TurboPipeline:
+    """The cached pipeline for these files/dtype/device (loading what is missing)."""
+    if memory not in MEMORY_MODES:
+        raise InvalidSettingError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}.")
+    with _REGISTRY_LOCK:
+        te_on_host = device.type == "cuda" and memory != "resident"
+        comps = load_components(source, device, dtype, te_on_host)
+        pipe = _PIPELINES.get(comps.keys)
+        if pipe is None:
+            pipe = TurboPipeline(comps, device, dtype, memory)
+            _PIPELINES[comps.keys] = pipe
+        else:
+            for part, secs in comps.fresh_loads.items():
+                pipe.pending_loads[part] = secs
+        pipe.memory = memory
+        return pipe
+
+
+def cached_pipelines() -> list[TurboPipeline]:
+    with _REGISTRY_LOCK:
+        return list(_PIPELINES.values())
+
+
+def release_all() -> int:
+    """Forget every pipeline, component and LoRA file: memory goes back to the device and the OS."""
+    with _REGISTRY_LOCK:
+        n = COMPONENTS.clear()
+        for pipe in _PIPELINES.values():
+            pipe.drop_streamers()
+        _PIPELINES.clear()
+        LORA_FILES.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return n
+
+
+def release_pipeline(pipe: TurboPipeline, collect: bool = True) -> int:
+    """Forget one pipeline and the components no other pipeline uses.
+
+    collect=False skips gc.collect(), for callers inside someone else's bookkeeping loop.
+    """
+    with _REGISTRY_LOCK:
+        victims = [k for k, p in _PIPELINES.items() if p is pipe]
+        return _release(victims, collect)
+
+
+def release_device(device: torch.device) -> int:
+    """Forget the pipelines on one device."""
+    with _REGISTRY_LOCK:
+        victims = [k for k, p in _PIPELINES.items() if p.device == torch.device(device)]
+        return _release(victims)
+
+
+def _release(victims: list[tuple], collect: bool = True) -> int:
+    with _REGISTRY_LOCK:
+        keys = set()
+        for k in victims:
+            pipe = _PIPELINES.pop(k)
+            pipe.drop_streamers()
+            keys.update(pipe.comps.keys)
+        still_used = {ck for p in _PIPELINES.values() for ck in p.comps.keys}
+        n = COMPONENTS.drop(keys - still_used)
+    if collect:
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return n
