@@ -1,0 +1,21 @@
+"""Z-Image-Turbo for ComfyUI: Turbo loader, LoRA stack, fast 8-step sampler, VRAM/latency probe.
+
+ComfyUI imports this file from custom_nodes/<this folder>/. The work happens in
+engine/ (no ComfyUI inside); nodes/ adapts it to ComfyUI; web/ is the front end.
+"""
+
+import logging
+
+WEB_DIRECTORY = "./web"
+
+try:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+except ImportError as exc:  # a missing dependency must not take ComfyUI down with it
+    logging.getLogger("zimage_turbo").error(
+        "Z-Image Turbo nodes are disabled: %s. Install them with: pip install -r requirements.txt "
+        "(in this node pack's folder, with ComfyUI's Python).", exc
+    )
+    NODE_CLASS_MAPPINGS = {}
+    NODE_DISPLAY_NAME_MAPPINGS = {}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,75 @@
+"""Where model files live: ComfyUI's model folders, and nothing outside them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+
+from ..engine.errors import ModelFileError
+
+DIFFUSERS_PREFIX = "[diffusers] "
+NONE_FOUND = "(none found)"
+# Pickle checkpoints are listed so that choosing one gets a clear refusal, not a silent absence.
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _within(root: str, candidate: str) -> bool:
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(candidate)]) == root
+
+
+def list_files(folder: str) -> list[str]:
+    names = [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(MODEL_SUFFIXES)]
+    return sorted(names) or [NONE_FOUND]
+
+
+def list_diffusers_folders() -> list[str]:
+    out = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        if not os.path.isdir(root):
+            continue
+        for name in sorted(os.listdir(root)):
+            if os.path.isfile(os.path.join(root, name, "model_index.json")):
+                out.append(DIFFUSERS_PREFIX + name)
+    return out
+
+
+def model_choices() -> list[str]:
+    files = [n for n in list_files("diffusion_models") if n != NONE_FOUND]
+    return (files + list_diffusers_folders()) or [NONE_FOUND]
+
+
+def folder_roots(folder: str) -> list[str]:
+    return list(folder_paths.get_folder_paths(folder))
+
+
+def resolve_file(folder: str, name: str) -> Path:
+    """The full path of `name` inside one of the `folder` model folders; a clear error otherwise."""
+    label = folder.replace("_", " ")
+    if not name or name == NONE_FOUND:
+        raise ModelFileError(f"no {label} file selected: put one in {', '.join(folder_roots(folder))}.")
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        raise ModelFileError(f"{name}: only files inside ComfyUI's models/{folder} folders can be used.")
+    for root in folder_roots(folder):
+        candidate = os.path.normpath(os.path.join(root, name))
+        if _within(root, candidate) and os.path.isfile(candidate):
+            return Path(candidate)
+    raise ModelFileError(f"{name} was not found in models/{folder} (searched: {', '.join(folder_roots(folder))}).")
+
+
+def resolve_diffusers_folder(choice: str) -> Path:
+    name = choice[len(DIFFUSERS_PREFIX):] if choice.startswith(DIFFUSERS_PREFIX) else choice
+    if os.path.isabs(name) or ".." in Path(name).parts or "/" in name or "\\" in name:
+        raise ModelFileError(f"{name}: only folders directly inside ComfyUI's models/diffusers can be used.")
+    for root in folder_roots("diffusers"):
+        candidate = os.path.join(root, name)
+        if os.path.isfile(os.path.join(candidate, "model_index.json")):
+            return Path(candidate)
+    raise ModelFileError(f"diffusers folder {name} was not found in {', '.join(folder_roots('diffusers'))}.")
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The Qwen tokenizer files ComfyUI ships (used when the text encoder is a single file)."""
+    return Path(os.path.dirname(os.path.abspath(folder_paths.__file__))) / "comfy" / "text_encoders" / "qwen25_tokenizer"

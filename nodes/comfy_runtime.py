@@ -1,0 +1,98 @@
+"""The few places where the nodes talk to ComfyUI's runtime: device, progress, cancel, memory.
+
+Our pipelines register with ComfyUI's model manager through a ModelPatcher that
+stands for the whole pipeline (its real size, its device). When ComfyUI unloads
+models, for "Unload models" / POST /free or to make room for another model, the
+patcher's detach callback releases the pipeline so its memory really goes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+from comfy.patcher_extension import CallbacksMP
+
+from ..engine import pipeline as engine_pipeline
+
+log = logging.getLogger("zimage_turbo")
+
+
+def device_choices() -> list[str]:
+    choices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        choices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return choices
+
+
+def comfy_device() -> torch.device:
+    return mm.get_torch_device()
+
+
+def progress_callback(total: int):
+    bar = comfy.utils.ProgressBar(total)
+    return lambda done, total_: bar.update_absolute(done, total_)
+
+
+def check_interrupt() -> None:
+    mm.throw_exception_if_processing_interrupted()
+
+
+class _PipelineStandIn(torch.nn.Module):
+    """A weightless module ComfyUI's manager can hold in place of the pipeline."""
+
+
+class PipelinePatcher(comfy.model_patcher.ModelPatcher):
+    """Reports the pipeline's size as loaded; never moves weights itself."""
+
+    def __init__(self, pipe: engine_pipeline.TurboPipeline, size: int):
+        super().__init__(_PipelineStandIn(), load_device=pipe.device, offload_device=torch.device("cpu"), size=size)
+        self.model.model_loaded_weight_memory = size
+        self.pipe_ref = weakref.ref(pipe)
+
+    def loaded_size(self):
+        return self.size if self.pipe_ref() is not None else 0
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        return 0
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        return 0
+
+
+def _on_detach(patcher: PipelinePatcher, unpatch_all: bool) -> None:
+    # load_models_gpu also detaches (unpatch_all=False) and re-attaches models that are already
+    # loaded; only a real unload (unpatch_all=True) releases the pipeline.
+    pipe = patcher.pipe_ref()
+    if pipe is None or not unpatch_all:
+        return
+    log.info("Z-Image Turbo: ComfyUI unloaded models; releasing the pipeline on %s", pipe.device)
+    # We are inside ComfyUI's free_memory loop: only drop references here. No gc.collect() and
+    # the patcher stays alive, because a finalizer running now would edit the list ComfyUI is
+    # iterating (and stop its prompt worker).
+    engine_pipeline.release_pipeline(pipe, collect=False)
+
+
+_PATCHERS: dict[int, PipelinePatcher] = {}
+
+
+def pipeline_bytes(pipe: engine_pipeline.TurboPipeline) -> int:
+    return sum(p.numel() * p.element_size() for m in (pipe.transformer, pipe.text_encoder, pipe.vae) for p in m.parameters())
+
+
+def register_with_model_manager(pipe: engine_pipeline.TurboPipeline) -> None:
+    """Tell ComfyUI this pipeline is loaded (again, after an unload); cheap when already known."""
+    for key, old in list(_PATCHERS.items()):  # patchers of released pipelines, safe to drop here
+        if old.pipe_ref() is None:
+            del _PATCHERS[key]
+    patcher = _PATCHERS.get(id(pipe))
+    if patcher is None or patcher.pipe_ref() is not pipe:
+        patcher = PipelinePatcher(pipe, pipeline_bytes(pipe))
+        patcher.add_callback(CallbacksMP.ON_DETACH, _on_detach)
+        _PATCHERS[id(pipe)] = patcher
+    mm.load_models_gpu([patcher], force_full_load=True)

@@ -1,0 +1,89 @@
+"""Turbo Loader node: picks the model files and settings, loads (or reuses) the pipeline."""
+
+from __future__ import annotations
+
+from ..engine.errors import ZImageError
+from ..engine.loading import DiffusersFolder, SplitFiles, resolve_device, resolve_dtype
+from ..engine.pipeline import MEMORY_MODES
+from . import comfy_paths, comfy_runtime
+from .pipe_handle import PIPE_TYPE, PipeHandle
+
+CATEGORY = "Z-Image Turbo"
+
+
+class ZImageTurboLoader:
+    DESCRIPTION = (
+        "Loads Z-Image-Turbo (transformer, Qwen3 text encoder, VAE) straight onto the chosen device and keeps it "
+        "there. Loading is cached for the whole server: queuing again, or another loader with the same files and "
+        "settings, never reads the weights again. ComfyUI's 'Unload models' releases it."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (PIPE_TYPE,)
+    RETURN_NAMES = ("pipe",)
+    OUTPUT_TOOLTIPS = ("The loaded pipeline; connect it to the Sampler and the Probe.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (comfy_paths.model_choices(), {
+                    "default": "z_image_turbo_bf16.safetensors",
+                    "tooltip": "The diffusion model: a file in models/diffusion_models (ComfyUI's split files, e.g. "
+                               "z_image_turbo_bf16.safetensors) or a '[diffusers]' folder in models/diffusers, which "
+                               "brings its own text encoder and VAE. Only .safetensors files are loaded.",
+                }),
+                "text_encoder": (comfy_paths.list_files("text_encoders"), {
+                    "default": "qwen_3_4b.safetensors",
+                    "tooltip": "Qwen3-4B text encoder in models/text_encoders (qwen_3_4b.safetensors). Ignored when "
+                               "the model is a diffusers folder.",
+                }),
+                "vae": (comfy_paths.list_files("vae"), {
+                    "default": "ae.safetensors",
+                    "tooltip": "The Flux VAE in models/vae (ae.safetensors). Ignored when the model is a diffusers folder.",
+                }),
+                "dtype": (["auto", "bf16", "fp16", "fp32"], {
+                    "default": "auto",
+                    "tooltip": "Weights and compute precision. auto: bf16 where the device supports it, else fp16. "
+                               "fp16 is kept finite by clamping the activations that pass 65504.",
+                }),
+                "device": (comfy_runtime.device_choices(), {
+                    "default": "auto",
+                    "tooltip": "Where the model lives. auto: ComfyUI's device. cuda:N pins it to that GPU; weights go "
+                               "straight there from disk.",
+                }),
+                "memory": (list(MEMORY_MODES), {
+                    "default": "resident",
+                    "tooltip": "resident: everything stays on the GPU (fastest). offload_text_encoder: the text encoder "
+                               "waits in pinned host memory and streams in to encode a new prompt (about 8 GB less). "
+                               "low_vram: every block streams in as it runs (slowest, smallest). No effect on CPU.",
+                }),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model=None, text_encoder=None, vae=None):
+        # Runs when the prompt is queued: a missing file is reported before anything loads.
+        try:
+            _source(model, text_encoder, vae)
+        except ZImageError as exc:
+            return str(exc)
+        return True
+
+    def load(self, model, text_encoder, vae, dtype, device, memory):
+        source = _source(model, text_encoder, vae)
+        dev = resolve_device(device, comfy_runtime.comfy_device())
+        handle = PipeHandle(source, dev, resolve_dtype(dtype, dev), memory)
+        handle.get()  # preload now, so the load shows up on this node and the sampler starts warm
+        return (handle,)
+
+
+def _source(model, text_encoder, vae):
+    if model and model.startswith(comfy_paths.DIFFUSERS_PREFIX):
+        return DiffusersFolder(comfy_paths.resolve_diffusers_folder(model))
+    return SplitFiles(
+        comfy_paths.resolve_file("diffusion_models", model),
+        comfy_paths.resolve_file("text_encoders", text_encoder),
+        comfy_paths.resolve_file("vae", vae),
+        comfy_paths.qwen_tokenizer_dir(),
+    )

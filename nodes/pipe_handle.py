@@ -1,0 +1,34 @@
+"""What flows along a ZIMAGE_TURBO_PIPE link: the recipe of a pipeline, not its weights.
+
+ComfyUI caches node outputs; if the output held the weights, "Unload models" could
+never free them. The handle holds the sources and settings, and fetches the cached
+pipeline (loading it again if it was released) each time a node needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine.loading import ModelSource
+from ..engine.pipeline import TurboPipeline, get_pipeline
+from ..engine.report import RunReport
+from . import comfy_runtime
+
+PIPE_TYPE = "ZIMAGE_TURBO_PIPE"
+LORA_STACK_TYPE = "ZIMAGE_LORA_STACK"
+
+
+@dataclass(eq=False)
+class PipeHandle:
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+    memory: str
+    last_report: RunReport | None = field(default=None, repr=False)
+
+    def get(self) -> TurboPipeline:
+        pipe = get_pipeline(self.source, self.device, self.dtype, self.memory)
+        comfy_runtime.register_with_model_manager(pipe)
+        return pipe

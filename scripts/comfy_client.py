@@ -1,0 +1,231 @@
+"""A small client for ComfyUI's HTTP + websocket API, and a helper to run a ComfyUI server.
+
+Used by the demo, the end-to-end tests and the load-test client in bench/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COMFY_DIR = REPO / ".build" / "ComfyUI"
+PACK_NAME = "comfyui-zimage-turbo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyError(RuntimeError):
+    pass
+
+
+@dataclass
+class PromptResult:
+    prompt_id: str
+    status: str  # "success" | "error" | "interrupted"
+    messages: list = field(default_factory=list)
+    error: dict | None = None
+    history: dict | None = None
+    seconds: float = 0.0
+    first_progress_s: float | None = None
+
+    def outputs(self) -> dict:
+        return (self.history or {}).get("outputs", {})
+
+
+class ComfyClient:
+    def __init__(self, host: str = "127.0.0.1", port: int = 8188):
+        self.base = f"http://{host}:{port}"
+        self.ws_url = f"ws://{host}:{port}/ws"
+
+    # ---- plain HTTP
+    def request(self, method: str, path: str, body=None, timeout: float = 60):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw and raw[:1] in b"{[" else raw)
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                return e.code, json.loads(raw)
+            except json.JSONDecodeError:
+                return e.code, raw
+
+    def get(self, path: str, timeout: float = 60):
+        return self.request("GET", path, timeout=timeout)
+
+    def post(self, path: str, body, timeout: float = 60):
+        return self.request("POST", path, body, timeout=timeout)
+
+    def alive(self) -> bool:
+        try:
+            return self.get("/system_stats", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def object_info(self) -> dict:
+        return self.get("/object_info")[1]
+
+    def queue(self, prompt: dict, client_id: str) -> tuple[int, dict]:
+        return self.post("/prompt", {"prompt": prompt, "client_id": client_id})
+
+    def history(self, prompt_id: str) -> dict | None:
+        status, body = self.get(f"/history/{prompt_id}")
+        return body.get(prompt_id) if status == 200 and isinstance(body, dict) else None
+
+    def view(self, filename: str, subfolder: str = "", type_: str = "output") -> bytes:
+        q = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type_})
+        return self.get(f"/view?{q}")[1]
+
+    # ---- queue and wait on the websocket
+    def run(self, prompt: dict, timeout: float = 600) -> PromptResult:
+        """Queue `prompt` and follow it on the websocket until it succeeds, fails or is interrupted."""
+        import websocket  # websocket-client
+
+        client_id = uuid.uuid4().hex
+        ws = websocket.create_connection(f"{self.ws_url}?clientId={client_id}", timeout=timeout)
+        try:
+            t0 = time.perf_counter()
+            status, body = self.queue(prompt, client_id)
+            if status != 200:
+                raise ComfyError(f"prompt rejected ({status}): {json.dumps(body)[:2000]}")
+            pid = body["prompt_id"]
+            result = PromptResult(pid, "pending")
+            while True:
+                raw = ws.recv()
+                if isinstance(raw, bytes):
+                    continue  # previews
+                msg = json.loads(raw)
+                data = msg.get("data", {})
+                if data.get("prompt_id") not in (None, pid):
+                    continue
+                result.messages.append(msg)
+                kind = msg.get("type")
+                if kind == "progress" and result.first_progress_s is None:
+                    result.first_progress_s = time.perf_counter() - t0
+                if kind == "execution_error":
+                    result.status, result.error = "error", data
+                    break
+                if kind == "execution_interrupted":
+                    result.status = "interrupted"
+                    break
+                if kind == "execution_success" or (kind == "executing" and data.get("node") is None
+                                                   and data.get("prompt_id") == pid):
+                    result.status = "success"
+                    break
+            result.seconds = time.perf_counter() - t0
+        finally:
+            ws.close()
+        for _ in range(50):  # history is written just after the last message
+            result.history = self.history(pid)
+            if result.history:
+                break
+            time.sleep(0.05)
+        return result
+
+
+class ComfyServer:
+    """Starts `main.py --cpu` (or on the GPU) with a base directory of our own; stops it on exit."""
+
+    def __init__(self, base_dir: Path, port: int | None = None, cpu: bool = True, extra_args=(), log_path: Path | None = None,
+                 python: str = sys.executable, comfy_dir: Path = COMFY_DIR, link_pack: bool = True):
+        self.base_dir = Path(base_dir)
+        self.port = port or free_port()
+        self.cpu = cpu
+        self.extra_args = list(extra_args)
+        self.log_path = log_path or (self.base_dir / "comfyui.log")
+        self.python = python
+        self.comfy_dir = Path(comfy_dir)
+        self.link_pack = link_pack
+        self.proc: subprocess.Popen | None = None
+        self.client = ComfyClient("127.0.0.1", self.port)
+
+    def prepare(self) -> None:
+        for sub in ("models/diffusion_models", "models/text_encoders", "models/vae", "models/diffusers",
+                    "models/loras", "custom_nodes", "input", "output", "user", "temp"):
+            (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
+        if self.link_pack:
+            link = self.base_dir / "custom_nodes" / PACK_NAME
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(REPO, target_is_directory=True)
+
+    def start(self, timeout: float = 180) -> "ComfyServer":
+        self.prepare()
+        args = [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
+                "--base-directory", str(self.base_dir), "--disable-auto-launch"]
+        if self.cpu:
+            args.append("--cpu")
+        args += self.extra_args
+        self.log = open(self.log_path, "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(args, cwd=self.comfy_dir, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise ComfyError(f"ComfyUI exited with {self.proc.returncode}; log:\n{self.log_text()[-4000:]}")
+            if self.client.alive():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise ComfyError(f"ComfyUI did not answer within {timeout}s; log:\n{self.log_text()[-4000:]}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def place_tiny_model(models_dir: Path, built, lora_files=()) -> dict:
+    """Copy a tiny model (engine.model_builder.BuiltModel) into ComfyUI's model folders."""
+    models_dir = Path(models_dir)
+    names = {
+        "model": built.transformer_file.name,
+        "text_encoder": built.text_encoder_file.name,
+        "vae": built.vae_file.name,
+        "diffusers": "[diffusers] " + built.diffusers_dir.name,
+    }
+    shutil.copy(built.transformer_file, models_dir / "diffusion_models" / built.transformer_file.name)
+    shutil.copy(built.text_encoder_file, models_dir / "text_encoders" / built.text_encoder_file.name)
+    shutil.copy(built.vae_file, models_dir / "vae" / built.vae_file.name)
+    shutil.copytree(built.diffusers_dir, models_dir / "diffusers" / built.diffusers_dir.name, dirs_exist_ok=True)
+    for f in lora_files:
+        shutil.copy(f, models_dir / "loras" / Path(f).name)
+    return names
