@@ -20,6 +20,7 @@ import hashlib
 import re
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,7 +332,10 @@ class LoraManager:
     def _inject(self, parsed: ParsedLora) -> None:
         ref = next(self.transformer.parameters())
         sd = parsed.peft_state_dict(ref.dtype, ref.device)
-        self.transformer.load_lora_adapter(sd, prefix=None, adapter_name=parsed.adapter_name)
+        with warnings.catch_warnings():
+            # PEFT warns that a model already holding adapters gets another one: that is the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.transformer.load_lora_adapter(sd, prefix=None, adapter_name=parsed.adapter_name)
         self.injected[parsed.adapter_name] = parsed
 
     def _evict(self, keep: set[str]) -> None:

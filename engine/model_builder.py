@@ -312,7 +312,9 @@ def build_random_lora(
     shapes = {"attention.to_q": (dim, dim), "attention.to_k": (dim, dim), "attention.to_v": (dim, dim),
               "attention.to_out.0": (dim, dim), "feed_forward.w1": (dim, hidden), "feed_forward.w3": (dim, hidden),
               "feed_forward.w2": (hidden, dim)}
-    alpha = float(rank if alpha is None else alpha)
+    # diffusers/peft and DiffSynth files carry no alpha: their scale is 1 (alpha = rank).
+    stores_alpha = fmt.startswith("kohya")
+    alpha = float(rank if alpha is None or not stores_alpha else alpha)
     fused = fmt in ("kohya_fused", "kohya_underscore")
     expected = {}
     for name in lora_target_modules(transformer_config, ffn):

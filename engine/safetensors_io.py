@@ -189,23 +189,29 @@ def load_entries(
     if not entries:
         return out
 
+    # Inference mode is per thread: workers must share the caller's (ComfyUI runs nodes inside it).
+    inference = torch.is_inference_mode_enabled()
     fds: dict[Path, int] = {}
     for e in entries:
         if e.path not in fds:
             fds[e.path] = os.open(e.path, os.O_RDONLY)
     try:
         if device.type == "cuda":
-            _load_cuda(entries, out, fds, device, workers or _PinnedPool.WORKERS)
+            _load_cuda(entries, out, fds, device, workers or _PinnedPool.WORKERS, inference)
         else:
-            _load_host(entries, out, fds, workers or 4)
+            _load_host(entries, out, fds, workers or 4, inference)
     finally:
         for fd in fds.values():
             os.close(fd)
     return out
 
 
-def _load_host(entries, out, fds, workers):
+def _load_host(entries, out, fds, workers, inference):
     def read_one(e: TensorEntry):
+        with torch.inference_mode(inference):
+            _read_host(e)
+
+    def _read_host(e: TensorEntry):
         dest = out[e.name]
         if dest.dtype == e.dtype:
             if e.nbytes:
@@ -219,7 +225,7 @@ def _load_host(entries, out, fds, workers):
         list(pool.map(read_one, entries))
 
 
-def _load_cuda(entries, out, fds, device, workers):
+def _load_cuda(entries, out, fds, device, workers, inference):
     chunk = _PinnedPool.CHUNK
     pieces = []  # (entry, byte offset inside the tensor, length)
     for e in entries:
@@ -236,7 +242,7 @@ def _load_cuda(entries, out, fds, device, workers):
         bufs = [_PINNED.take(), _PINNED.take()]
         events = [None, None]
         try:
-            with torch.cuda.stream(stream):
+            with torch.inference_mode(inference), torch.cuda.stream(stream):
                 for i, (e, off, n) in enumerate(lane):
                     slot = i % 2
                     if events[slot] is not None:

@@ -1,0 +1,189 @@
+"""The four nodes inside a real ComfyUI server, driven over HTTP and websocket."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from graphs import MODEL, api_prompt
+
+NODES = {"ZImageTurboLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboProbe"}
+
+
+def image_of(comfy, result, node="5") -> np.ndarray:
+    info = result.outputs()[node]["images"][0]
+    raw = comfy.client.view(info["filename"], info["subfolder"], info["type"])
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+
+
+def probe_of(result) -> dict:
+    return result.outputs()["4"]["zimage_probe"][0]
+
+
+def ok(comfy, graph):
+    res = comfy.client.run(graph, timeout=300)
+    assert res.status == "success", (res.error or {}).get("exception_message")
+    return res
+
+
+def test_object_info_lists_the_four_nodes(comfy):
+    info = comfy.client.object_info()
+    assert NODES <= set(info)
+    for name in NODES:
+        node = info[name]
+        assert node["category"] == "Z-Image Turbo"
+        assert len(node["description"]) > 40
+        for inp, spec in {**node["input"]["required"], **node["input"].get("optional", {})}.items():
+            assert spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+    assert set(info["ZImageTurboLoader"]["input"]["required"]) == {"model", "text_encoder", "vae", "dtype", "device", "memory"}
+    assert MODEL in info["ZImageTurboLoader"]["input"]["required"]["model"][0]
+    assert "[diffusers] zit_tiny" in info["ZImageTurboLoader"]["input"]["required"]["model"][0]
+    sampler = info["ZImageTurboSampler"]["input"]["required"]
+    assert sampler["steps"][1]["default"] == 8 and sampler["cfg"][1]["default"] == 0.0 and sampler["shift"][1]["default"] == 3.0
+    assert info["ZImageTurboProbe"]["output_name"] == ["images", "report", "json", "chart"]
+    assert info["ZImageTurboSampler"]["output"] == ["IMAGE", "LATENT"]
+
+
+def test_full_prompt_saves_an_image_of_the_requested_size(comfy):
+    res = ok(comfy, api_prompt(seed=101, width=80, height=48))
+    assert image_of(comfy, res).shape == (48, 80, 3)
+    probe = probe_of(res)
+    assert probe["width"] == 80 and probe["steps"] == 8 and len(probe["step_s"]) == 8
+    text = res.outputs()["4"]["text"][0]
+    assert "denoise" in text and "VAE decode" in text
+    progress = [m["data"] for m in res.messages if m["type"] == "progress"]
+    assert [p["value"] for p in progress] == list(range(1, 9)) and {p["max"] for p in progress} == {8}
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16", "fp16"])
+def test_every_dtype_generates_a_finite_image(comfy, dtype):
+    res = ok(comfy, api_prompt(seed=3, dtype=dtype))
+    assert probe_of(res)["dtype"] == ("bf16" if dtype == "auto" else dtype)  # auto on a CPU: bf16
+    assert image_of(comfy, res).std() > 1
+
+
+def test_diffusers_folder_source(comfy):
+    res = ok(comfy, api_prompt(seed=5, model="[diffusers] zit_tiny"))
+    assert "diffusers folder" in probe_of(res)["source"]
+
+
+def test_changing_lora_strength_never_reloads_and_going_back_restores_the_image(comfy):
+    def graph(strength):
+        return api_prompt(seed=7, loras=[{"lora": "tiny_kohya_fused.safetensors", "strength": strength, "on": True}])
+
+    ok(comfy, api_prompt(seed=7))  # pipeline loaded and warm
+    a = ok(comfy, graph(0.5))
+    b = ok(comfy, graph(1.2))
+    a2 = ok(comfy, graph(0.5))
+    pa, pb, pa2 = probe_of(a), probe_of(b), probe_of(a2)
+    for p in (pa, pb, pa2):
+        assert p["base_reloaded"] is False and p["load_s"] == {}
+    assert pa["component_loads_total"] == pb["component_loads_total"] == pa2["component_loads_total"]
+    assert pb["lora"][0]["strength"] == 1.2 and pb["lora_files_read"] == 0
+    assert any(m["type"] == "executing" and m["data"].get("node") == "3" for m in a2.messages)  # really sampled again
+    img_a, img_b, img_a2 = image_of(comfy, a), image_of(comfy, b), image_of(comfy, a2)
+    assert np.abs(img_a.astype(int) - img_b.astype(int)).max() > 5
+    assert np.array_equal(img_a, img_a2)
+
+
+def test_off_row_and_no_lora_give_the_base_image(comfy):
+    base = image_of(comfy, ok(comfy, api_prompt(seed=8)))
+    off = ok(comfy, api_prompt(seed=8, loras=[{"lora": "tiny_diffusers.safetensors", "strength": 1.0, "on": False}]))
+    assert np.array_equal(base, image_of(comfy, off))
+
+
+BAD_EXECUTIONS = [
+    ("size", dict(width=1000, height=1024), "not a multiple of 16"),
+    ("pickle", dict(model="pickled_model.ckpt"), "pickle checkpoints (.ckpt) are refused"),
+    ("corrupt", dict(model="corrupt.safetensors"), "corrupt or truncated"),
+    ("missing weights", dict(model="[diffusers] broken_folder"), "no .safetensors weights found for the transformer"),
+    ("foreign lora", dict(loras=[{"lora": "sdxl_style.safetensors", "strength": 1.0, "on": True}]), "fit no layer"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", [b[1:] for b in BAD_EXECUTIONS], ids=[b[0] for b in BAD_EXECUTIONS])
+def test_bad_input_is_an_execution_error_and_the_server_goes_on(comfy, kwargs, message):
+    res = comfy.client.run(api_prompt(seed=11, **kwargs), timeout=300)
+    assert res.status == "error"
+    assert message in res.error["exception_message"]
+    assert res.error["node_type"] in {"ZImageTurboLoader", "ZImageTurboSampler"}
+    ok(comfy, api_prompt(seed=12))
+
+
+BAD_VALIDATIONS = [
+    ("missing lora", dict(loras=[{"lora": "not_there.safetensors", "strength": 1.0, "on": True}]),
+     "not_there.safetensors was not found in models/loras", "2"),
+    ("missing model", dict(model="nope.safetensors"), "nope.safetensors was not found in models/diffusion_models", "1"),
+    ("bad lora json", dict(loras="oops"), "loras must be a JSON list", "2"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message,node", [b[1:] for b in BAD_VALIDATIONS], ids=[b[0] for b in BAD_VALIDATIONS])
+def test_missing_files_are_reported_when_queued(comfy, kwargs, message, node):
+    graph = api_prompt(seed=13, **{k: v for k, v in kwargs.items() if k != "loras" or isinstance(v, list)})
+    if kwargs.get("loras") == "oops":
+        graph["2"]["inputs"]["loras"] = "oops"
+    status, body = comfy.client.queue(graph, "validation-test")
+    assert status == 400
+    details = json.dumps(body["node_errors"][node])
+    assert message in details
+    ok(comfy, api_prompt(seed=14))
+
+
+def test_comfy_cli_runs_the_prompt(comfy, tmp_path):
+    wf = tmp_path / "api_workflow.json"
+    wf.write_text(json.dumps(api_prompt(seed=31)))
+    comfy_cli = Path(sys.executable).with_name("comfy")
+    out = subprocess.run([str(comfy_cli), "--skip-prompt", "run", "--workflow", str(wf), "--wait",
+                          "--host", "127.0.0.1", "--port", str(comfy.port)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    envelope = json.loads(out.stdout.strip().splitlines()[-1])
+    assert envelope["ok"] is True and envelope["data"]["status"] == "completed"
+    assert any("e2e_" in url for url in envelope["data"]["outputs"])
+
+
+def test_unload_models_releases_the_pipeline(comfy):
+    ok(comfy, api_prompt(seed=41))
+    status, _ = comfy.client.post("/free", {"unload_models": True, "free_memory": True})
+    assert status == 200
+    time.sleep(1.0)
+    again = ok(comfy, api_prompt(seed=42))
+    assert probe_of(again)["base_reloaded"] is True
+    assert "ComfyUI unloaded models; releasing the pipeline" in comfy.log_text()
+
+
+def test_cancel_stops_between_steps_and_the_server_goes_on(comfy):
+    import websocket
+
+    graph = api_prompt(seed=51, width=256, height=256, steps=200)
+    ws = websocket.create_connection(f"{comfy.client.ws_url}?clientId=cancel-test", timeout=120)
+    try:
+        status, body = comfy.client.queue(graph, "cancel-test")
+        assert status == 200
+        kinds, value = [], 0
+        while True:
+            msg = ws.recv()
+            if isinstance(msg, bytes):
+                continue
+            msg = json.loads(msg)
+            kinds.append(msg["type"])
+            if msg["type"] == "progress" and msg["data"]["value"] == 2:
+                comfy.client.post("/interrupt", {})
+            if msg["type"] == "progress":
+                value = msg["data"]["value"]
+            if msg["type"] in ("execution_interrupted", "execution_success", "execution_error"):
+                break
+    finally:
+        ws.close()
+    assert kinds[-1] == "execution_interrupted"
+    assert value < 200
+    ok(comfy, api_prompt(seed=52))
