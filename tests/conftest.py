@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,11 +12,21 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests"))
 
 from engine import model_builder  # noqa: E402
 from engine.model_builder import LORA_FORMATS, TINY  # noqa: E402
 
+from model_names import MODEL, STYLE_LORAS, TEXT_ENCODER, VAE  # noqa: E402
+
 torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for folder in ("e2e", "browser"):
+            if f"/{folder}/" in str(item.fspath):
+                item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +51,38 @@ def fresh_engine():
     pipeline.release_all()
     yield
     pipeline.release_all()
+
+
+@pytest.fixture(scope="session")
+def comfy(tiny, tmp_path_factory):
+    """A real ComfyUI 0.3.75 server on 127.0.0.1 (--cpu) with this package in custom_nodes.
+
+    Its model folders hold the tiny model under the real file names, the tiny LoRAs (also
+    under the style LoRA names), and a few bad files for the error paths.
+    """
+    from comfy_client import COMFY_DIR, ComfyServer, place_tiny_model
+
+    if not (COMFY_DIR / "main.py").is_file():
+        pytest.fail(f"ComfyUI is not set up in {COMFY_DIR}: run `make test` (or scripts/setup.sh) first.")
+    base = tmp_path_factory.mktemp("comfy_base")
+    server = ComfyServer(base)
+    server.prepare()
+    models = base / "models"
+    built = tiny["built"]
+    # The tiny model under the file names of the real one, as the workflows expect them.
+    shutil.copy(built.transformer_file, models / "diffusion_models" / MODEL)
+    shutil.copy(built.text_encoder_file, models / "text_encoders" / TEXT_ENCODER)
+    shutil.copy(built.vae_file, models / "vae" / VAE)
+    place_tiny_model(models, built, [p for p, _ in tiny["loras"].values()] + [tiny["foreign_lora"]])
+    for i, name in enumerate(STYLE_LORAS.values()):
+        shutil.copy(tiny["loras"][LORA_FORMATS[i]][0], models / "loras" / name)
+    # Bad files for the error paths.
+    torch.save({"w": torch.zeros(2)}, models / "diffusion_models" / "pickled_model.ckpt")
+    (models / "diffusion_models" / "corrupt.safetensors").write_bytes(built.transformer_file.read_bytes()[:5000])
+    broken = models / "diffusers" / "broken_folder"
+    shutil.copytree(built.diffusers_dir, broken)
+    for f in (broken / "transformer").glob("*.safetensors"):
+        f.unlink()
+    server.start()
+    yield server
+    server.stop()

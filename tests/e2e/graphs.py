@@ -2,9 +2,7 @@
 
 import json
 
-MODEL = "z_image_turbo_bf16.safetensors"
-TEXT_ENCODER = "qwen_3_4b.safetensors"
-VAE = "ae.safetensors"
+from model_names import MODEL, TEXT_ENCODER, VAE
 
 
 def api_prompt(seed=1, width=64, height=48, loras=None, model=MODEL, steps=8, prompt="a cat in a garden, 一只猫",

@@ -1,0 +1,121 @@
+"""GPU suite: `pytest -m gpu` on a machine with CUDA (skipped elsewhere).
+
+Uses the tiny model, and the true-size random model too when ZIMAGE_FULL_ROOT points at
+the folder bench/build_model.py wrote (memory budgets are only meaningful at true size).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import device_stats
+from engine.loading import DiffusersFolder, SplitFiles
+from engine.lora import LoraSpec
+from engine.pipeline import GenerationRequest, get_pipeline
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+GIB = 1024**3
+REQ = GenerationRequest("a red fox, 狐狸, soft light", width=64, height=64, seed=3)
+
+
+@pytest.fixture()
+def cuda0():
+    return torch.device("cuda:0")
+
+
+def all_tensors(pipe):
+    for m in (pipe.transformer, pipe.text_encoder, pipe.vae):
+        yield from m.named_parameters()
+        yield from m.named_buffers()
+
+
+def test_pinning_puts_every_weight_on_the_device(tiny, fresh_engine, cuda0):
+    pipe = get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), cuda0, torch.bfloat16)
+    wrong = [n for n, t in all_tensors(pipe) if t.device != cuda0]
+    assert wrong == []
+    res = pipe.generate(REQ)
+    assert torch.isfinite(res.images).all() and res.images.device.type == "cpu"
+
+
+def test_probe_has_nvml_figures_of_this_gpu(tiny, fresh_engine, cuda0):
+    pipe = get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), cuda0, torch.bfloat16)
+    rep = pipe.generate(REQ).report
+    nv = rep.nvml_during
+    assert nv["available"], nv
+    assert nv["total_bytes"] > 8 * GIB and 0 < nv["used_bytes"] <= nv["total_bytes"]
+    assert 0 <= nv["utilization_pct"] <= 100 and 10 < nv["temperature_c"] < 100
+    assert torch.cuda.get_device_name(cuda0).split()[-1] in nv["name"]
+    assert rep.torch_memory["peak_allocated_bytes"] > 0
+    assert len(rep.step_s) == 8 and all(s > 0 for s in rep.step_s)
+    assert "utilization" in rep.to_text()
+
+
+def test_fp16_finite_on_gpu(tiny, fresh_engine, cuda0):
+    pipe = get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), cuda0, torch.float16)
+    out = pipe.generate(REQ).images
+    ref = get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), cuda0, torch.float32).generate(REQ).images
+    assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.05
+
+
+def test_gpu_image_matches_cpu_image(tiny, fresh_engine, cuda0):
+    src = DiffusersFolder(tiny["built"].diffusers_dir)
+    gpu = get_pipeline(src, cuda0, torch.float32).generate(REQ).images
+    cpu = get_pipeline(src, torch.device("cpu"), torch.float32).generate(REQ).images
+    assert (gpu - cpu).abs().max() < 2e-3  # same noise (drawn on the CPU), same math
+
+
+@pytest.mark.parametrize("memory", ["offload_text_encoder", "low_vram"])
+def test_memory_modes_give_the_resident_image(tiny, fresh_engine, cuda0, memory):
+    src = DiffusersFolder(tiny["built"].diffusers_dir)
+    resident = get_pipeline(src, cuda0, torch.float32, "resident").generate(REQ).images
+    pipe = get_pipeline(src, cuda0, torch.float32, memory)
+    out = pipe.generate(GenerationRequest(REQ.prompt + " again", width=64, height=64, seed=3)).images
+    out = pipe.generate(REQ).images
+    torch.testing.assert_close(out, resident, rtol=0, atol=1e-5)
+    for layer in pipe.text_encoder.layers:  # between runs the text encoder waits in pinned host memory
+        for p in layer.parameters():
+            assert p.device.type == "cpu" and p.is_pinned()
+    streamed = [p for blk in pipe.transformer.layers for p in blk.parameters()]
+    if memory == "low_vram":
+        assert all(p.device.type == "cpu" and p.is_pinned() for p in streamed)
+    else:
+        assert all(p.device == cuda0 for p in streamed)
+    # back to resident: everything returns to the device
+    back = get_pipeline(src, cuda0, torch.float32, "resident")
+    back.generate(REQ)
+    assert [n for n, t in all_tensors(back) if t.device != cuda0] == []
+
+
+def test_lora_switch_on_gpu_is_fast_and_exact(tiny, fresh_engine, cuda0):
+    pipe = get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), cuda0, torch.bfloat16)
+    base = pipe.generate(REQ).images
+    path = tiny["loras"]["kohya_fused"][0]
+    pipe.generate(REQ, [LoraSpec(path, 0.5)])
+    rep = pipe.generate(REQ, [LoraSpec(path, 1.0)]).report
+    assert rep.lora_s < 0.05 and not rep.base_reloaded
+    assert torch.equal(pipe.generate(REQ, []).images, base)
+
+
+FULL = os.environ.get("ZIMAGE_FULL_ROOT")
+
+
+@pytest.mark.skipif(not FULL, reason="set ZIMAGE_FULL_ROOT to the true-size model folder (bench/build_model.py)")
+@pytest.mark.parametrize("memory,budget_gib", [("resident", 22.0), ("offload_text_encoder", 15.0)])
+def test_true_size_memory_budgets(fresh_engine, cuda0, memory, budget_gib):
+    root = Path(FULL)
+    src = SplitFiles(root / "diffusion_models" / "z_image_turbo_bf16.safetensors",
+                     root / "text_encoders" / "qwen_3_4b.safetensors", root / "vae" / "ae.safetensors",
+                     root / "qwen_tokenizer")
+    pipe = get_pipeline(src, cuda0, torch.bfloat16, memory)
+    big = GenerationRequest("a lighthouse at dusk, 灯塔", width=1024, height=1024, seed=1)
+    pipe.generate(big)
+    device_stats.reset_peak(cuda0)
+    rep = pipe.generate(GenerationRequest("another prompt, 新的提示", width=1024, height=1024, seed=2)).report
+    assert rep.torch_memory["peak_allocated_bytes"] / GIB <= budget_gib
