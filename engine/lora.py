@@ -278,15 +278,27 @@ class LoraSpec:
 class LoraApplyReport:
     seconds: float = 0.0
     files_read: int = 0
-    adapters_injected: int = 0
+    adapters_injected: int = 0  # LoRA files copied into an adapter slot by this call
+    slots_rebuilt: bool = False  # the adapter structure changed (a compiled model recompiles once)
     active: list[dict] = field(default_factory=list)
     changed: bool = False
 
 
-class LoraManager:
-    """The LoRA state of one transformer: injected PEFT adapters, the active set and strengths."""
+SLOT_RANK_STEP = 16
 
-    MAX_ADAPTERS = 8  # injected adapters kept for quick re-enable; older unused ones are deleted
+
+class LoraManager:
+    """The LoRA state of one transformer, kept in a fixed set of PEFT adapter slots.
+
+    Slot i is the PEFT adapter "slot{i}", present on every Linear of the transformer, with
+    one rank for all (LoRAs of lower rank are zero-padded, which changes nothing). A LoRA
+    file is copied into a free slot; strengths are 0-dim tensors updated in place; on/off
+    changes which slots are active. So switching styles, strengths or files never changes
+    the module structure (a compiled transformer does not recompile) and never touches the
+    base weights: with every slot off the base layers run alone, bit-identical to no LoRA.
+    Slots are only rebuilt when more LoRAs are stacked at once than there are slots, or a
+    LoRA has a higher rank than the slots.
+    """
 
     def __init__(self, transformer: nn.Module, files: LoraFileCache = LORA_FILES):
         self.transformer = transformer
@@ -294,8 +306,13 @@ class LoraManager:
         self.modules = linear_modules(transformer)
         # Parsed files are only valid for a model with these exact layers.
         self.signature = hashlib.sha1(repr(sorted(self.modules.items())).encode()).hexdigest()
-        self.injected: OrderedDict[str, ParsedLora] = OrderedDict()
-        self.current: tuple[tuple[str, float], ...] = ()
+        self.slot_rank = 0
+        self.slot_files: list[str | None] = []  # slot -> adapter name of the file it holds
+        self.layers: list[nn.Module] = []  # the PEFT LoRA layers, for quick updates
+        self.current: tuple[tuple[int, float], ...] = ()  # (slot, strength) of the active slots
+        self.rebuilds = 0
+
+    # ------------------------------------------------------------- public
 
     def apply(self, stack: list[LoraSpec]) -> LoraApplyReport:
         t0 = time.perf_counter()
@@ -310,56 +327,114 @@ class LoraManager:
             name = parsed.adapter_name
             parsed_by_name[name] = parsed
             wanted[name] = wanted.get(name, 0.0) + float(spec.strength)  # same file twice: strengths add up
-        for name, parsed in parsed_by_name.items():
-            if name not in self.injected:
-                self._inject(parsed)
+
+        need_rank = max((max(p.ranks) for p in parsed_by_name.values()), default=0)
+        if len(wanted) > len(self.slot_files) or need_rank > self.slot_rank:
+            rank = max(self.slot_rank, -(-need_rank // SLOT_RANK_STEP) * SLOT_RANK_STEP)
+            self._build_slots(max(len(wanted), len(self.slot_files)), rank)
+            report.slots_rebuilt = True
+
+        slot_of = {name: i for i, name in enumerate(self.slot_files) if name in wanted}
+        free = [i for i, name in enumerate(self.slot_files) if name not in wanted]
+        for name in wanted:
+            if name not in slot_of:
+                slot = free.pop(0)
+                self._fill_slot(slot, parsed_by_name[name])
+                slot_of[name] = slot
                 report.adapters_injected += 1
-            self.injected.move_to_end(name)
-        self._evict(keep=set(wanted))
-        state = tuple(wanted.items())
-        if state != self.current:
+
+        state = tuple(sorted((slot_of[n], s) for n, s in wanted.items()))
+        if state != self.current or report.adapters_injected:
             self._activate(state)
             report.changed = True
             self.current = state
         report.active = [
             {"file": parsed_by_name[n].path.name, "strength": s, "format": parsed_by_name[n].format,
-             "layers": len(parsed_by_name[n].targets), "rank": parsed_by_name[n].ranks}
-            for n, s in state
+             "layers": len(parsed_by_name[n].targets), "rank": parsed_by_name[n].ranks, "slot": slot_of[n]}
+            for n, s in wanted.items()
         ]
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _inject(self, parsed: ParsedLora) -> None:
-        ref = next(self.transformer.parameters())
-        sd = parsed.peft_state_dict(ref.dtype, ref.device)
-        with warnings.catch_warnings():
-            # PEFT warns that a model already holding adapters gets another one: that is the point here.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            self.transformer.load_lora_adapter(sd, prefix=None, adapter_name=parsed.adapter_name)
-        self.injected[parsed.adapter_name] = parsed
-
-    def _evict(self, keep: set[str]) -> None:
-        while len(self.injected) > self.MAX_ADAPTERS:
-            victim = next((n for n in self.injected if n not in keep), None)
-            if victim is None:
-                return
-            self.transformer.delete_adapters(victim)
-            del self.injected[victim]
-            self.current = tuple((n, s) for n, s in self.current if n != victim)
-
-    def _activate(self, state: tuple[tuple[str, float], ...]) -> None:
-        if not self.injected:
-            return
-        if not state:
-            # No adapter runs: the PEFT layers call the untouched base layers only.
-            self.transformer.disable_lora()
-            return
-        self.transformer.enable_lora()
-        self.transformer.set_adapters([n for n, _ in state], weights=[s for _, s in state])
-
     def remove_all(self) -> None:
-        """Delete every adapter: the transformer is exactly the base model again."""
-        for name in list(self.injected):
-            self.transformer.delete_adapters(name)
-        self.injected.clear()
+        """Delete every slot: the transformer holds no adapter at all any more."""
+        for layer in self.layers:
+            for i in range(len(self.slot_files)):
+                layer.delete_adapter(f"slot{i}")
+            layer.enable_adapters(False)
+        self.slot_files, self.layers, self.current, self.slot_rank = [], [], (), 0
+
+    @property
+    def slot_count(self) -> int:
+        return len(self.slot_files)
+
+    # ------------------------------------------------------------ private
+
+    def _build_slots(self, count: int, rank: int) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+
+        if self.slot_files:
+            self.remove_all()
+        ref = next(self.transformer.parameters())
+        pattern = "^(?:" + "|".join(re.escape(n) for n in sorted(self.modules)) + ")$"
+        for i in range(count):
+            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=pattern, lora_dropout=0.0, bias="none")
+            with warnings.catch_warnings():
+                # PEFT warns that a model already holding adapters gets another one: that is the point here.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(config, self.transformer, adapter_name=f"slot{i}")
+        self.layers = [m for m in self.transformer.modules() if isinstance(m, LoraLayer)]
+        for layer in self.layers:
+            for i in range(count):
+                slot = f"slot{i}"
+                for part in (layer.lora_A[slot], layer.lora_B[slot]):
+                    part.to(device=ref.device, dtype=ref.dtype)
+                    part.weight.requires_grad_(False)
+                    part.weight.data.zero_()
+                # A tensor, not a float: changing it in place never recompiles a compiled model.
+                layer.scaling[slot] = torch.zeros((), device=ref.device, dtype=torch.float32)
+            layer.enable_adapters(False)
+        self.slot_files = [None] * count
+        self.slot_rank = rank
         self.current = ()
+        self.rebuilds += 1
+
+    def _fill_slot(self, slot: int, parsed: ParsedLora) -> None:
+        name = f"slot{slot}"
+        with torch.no_grad():
+            for layer, module in zip(self.layers, self._layer_names()):
+                a = layer.lora_A[name].weight
+                b = layer.lora_B[name].weight
+                target = parsed.targets.get(module)
+                if target is None:
+                    a.zero_()
+                    b.zero_()
+                    continue
+                r = target.rank
+                a[:r].copy_(target.down)
+                a[r:].zero_()
+                b[:, :r].copy_(target.up.float() * (target.alpha / r))  # alpha/rank folded in: scale = strength
+                b[:, r:].zero_()
+        self.slot_files[slot] = parsed.adapter_name
+
+    def _layer_names(self) -> list[str]:
+        names = getattr(self, "_names_cache", None)
+        if names is None or len(names) != len(self.layers):
+            by_id = {id(m): n for n, m in self.transformer.named_modules()}
+            names = [by_id[id(layer)] for layer in self.layers]
+            self._names_cache = names
+        return names
+
+    def _activate(self, state: tuple[tuple[int, float], ...]) -> None:
+        active = [f"slot{i}" for i, _ in state]
+        strengths = {f"slot{i}": s for i, s in state}
+        for layer in self.layers:
+            if not active:
+                # No adapter runs: the PEFT layers call the untouched base layers only.
+                layer.enable_adapters(False)
+                continue
+            layer.enable_adapters(True)
+            layer.set_adapter(active, inference_mode=True)
+            for name, s in strengths.items():
+                layer.scaling[name].fill_(s)

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import device_stats, fp16_guard
+from . import acceleration, device_stats, fp16_guard
 from .errors import InvalidSettingError, OutOfMemoryError, ZImageError
 from .loading import COMPONENTS, DTYPE_NAMES, CachedComponent, LoadedComponents, ModelSource, load_components
 from .lora import LORA_FILES, LoraApplyReport, LoraManager, LoraSpec
@@ -107,11 +107,13 @@ def _state(component: CachedComponent, factory):
 class TurboPipeline:
     """One loaded Z-Image-Turbo: generate() runs LoRA apply, text encoding, denoising and decoding."""
 
-    def __init__(self, comps: LoadedComponents, device: torch.device, dtype: torch.dtype, memory: str):
+    def __init__(self, comps: LoadedComponents, device: torch.device, dtype: torch.dtype, memory: str,
+                 compile_mode: str = "auto"):
         self.comps = comps
         self.device = device
         self.dtype = dtype
         self.memory = memory
+        self.compile_mode = compile_mode
         self.transformer = comps.transformer.module
         self.text_encoder = comps.text_encoder.module
         self.vae = comps.vae.module
@@ -129,6 +131,13 @@ class TurboPipeline:
                 self.testate.guards = fp16_guard.install_text_encoder_guards(self.text_encoder)
 
     # ---------------------------------------------------------------- memory
+
+    def _apply_compile(self) -> bool:
+        """Compile (or un-compile) the transformer blocks as asked; low_vram streams blocks, so never there."""
+        want = acceleration.wants_compile(self.compile_mode, self.device.type) and self.memory != "low_vram"
+        if want != acceleration.is_compiled(self.transformer):
+            acceleration.set_compiled(self.transformer, want)
+        return want
 
     def _apply_memory_mode(self) -> None:
         """Put weights where the memory mode wants them (a no-op on the CPU, where all is host memory)."""
@@ -220,6 +229,7 @@ class TurboPipeline:
         self.pending_loads = {}
         device_stats.reset_peak(dev)
         self._apply_memory_mode()
+        report.compiled = self._apply_compile()
 
         t0 = time.perf_counter()
         lora_rep: LoraApplyReport = self.tstate.lora.apply(loras)
@@ -323,7 +333,8 @@ _REGISTRY_LOCK = threading.RLock()
 _PIPELINES: dict[tuple, TurboPipeline] = {}
 
 
-def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, memory: str = "resident") -> TurboPipeline:
+def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, memory: str = "resident",
+                 compile_mode: str = "auto") -> TurboPipeline:
     """The cached pipeline for these files/dtype/device (loading what is missing)."""
     if memory not in MEMORY_MODES:
         raise InvalidSettingError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}.")
@@ -331,13 +342,15 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
         te_on_host = device.type == "cuda" and memory != "resident"
         comps = load_components(source, device, dtype, te_on_host)
         pipe = _PIPELINES.get(comps.keys)
+        acceleration.wants_compile(compile_mode, device.type)  # reject a bad value before anything runs
         if pipe is None:
-            pipe = TurboPipeline(comps, device, dtype, memory)
+            pipe = TurboPipeline(comps, device, dtype, memory, compile_mode)
             _PIPELINES[comps.keys] = pipe
         else:
             for part, secs in comps.fresh_loads.items():
                 pipe.pending_loads[part] = secs
         pipe.memory = memory
+        pipe.compile_mode = compile_mode
         return pipe
 
 

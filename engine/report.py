@@ -46,6 +46,8 @@ class RunReport:
     prompt_tokens: int = 0
     prompt_truncated: bool = False
     vae_fp32_fallback: bool = False
+    compiled: bool = False
+    lora_slots_rebuilt: bool = False
     # memory
     torch_memory: dict = field(default_factory=dict)
     nvml_during: dict = field(default_factory=dict)
@@ -77,6 +79,7 @@ class RunReport:
         self.lora_changed = rep.changed
         self.lora_files_read = rep.files_read
         self.lora_adapters_injected = rep.adapters_injected
+        self.lora_slots_rebuilt = rep.slots_rebuilt
 
     def finish(self, pipe) -> None:
         from .loading import COMPONENTS
@@ -118,7 +121,8 @@ class RunReport:
     def to_text(self) -> str:
         ms = lambda s: f"{s * 1000:8.1f} ms"
         lines = [
-            f"Z-Image-Turbo on {self.device_name}, {self.dtype}, memory {self.memory_mode}",
+            f"Z-Image-Turbo on {self.device_name}, {self.dtype}, memory {self.memory_mode}"
+            + (", compiled" if self.compiled else ""),
             f"{self.width}x{self.height}, {self.steps} steps, batch {self.batch_size}, cfg {self.cfg:g}, seed {self.seed}",
             "",
             "phase            time",
@@ -130,7 +134,9 @@ class RunReport:
         if self.lora_files_read:
             extra.append(f"{self.lora_files_read} file(s) read")
         if self.lora_adapters_injected:
-            extra.append(f"{self.lora_adapters_injected} adapter(s) added")
+            extra.append(f"{self.lora_adapters_injected} file(s) put in a slot")
+        if self.lora_slots_rebuilt and self.compiled:
+            extra.append("adapter slots rebuilt: compiled once")
         lines.append(f"LoRA apply   {ms(self.lora_s)}   ({lora_note}{'; ' + ', '.join(extra) if extra else ''})")
         te_note = "embedding cache hit" if self.embedding_cache_hit else f"{self.prompt_tokens} tokens"
         if self.prompt_truncated:

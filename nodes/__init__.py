@@ -1,5 +1,6 @@
 """ComfyUI node classes: thin adapters over the engine."""
 
+from . import routes
 from .loader_node import ZImageTurboLoader
 from .lora_stack_node import ZImageTurboLoraStack
 from .probe_node import ZImageTurboProbe
@@ -18,3 +19,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboSampler": "Z-Image Turbo Sampler (8-step)",
     "ZImageTurboProbe": "Z-Image Turbo VRAM/Latency Probe",
 }
+
+routes.register()

@@ -26,9 +26,10 @@ class PipeHandle:
     device: torch.device
     dtype: torch.dtype
     memory: str
+    compile_mode: str = "auto"
     last_report: RunReport | None = field(default=None, repr=False)
 
     def get(self) -> TurboPipeline:
-        pipe = get_pipeline(self.source, self.device, self.dtype, self.memory)
+        pipe = get_pipeline(self.source, self.device, self.dtype, self.memory, self.compile_mode)
         comfy_runtime.register_with_model_manager(pipe)
         return pipe

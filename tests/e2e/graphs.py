@@ -10,7 +10,7 @@ def api_prompt(seed=1, width=64, height=48, loras=None, model=MODEL, steps=8, pr
     """Loader -> LoRA stack -> Sampler -> Probe -> SaveImage, in ComfyUI's API format."""
     graph = {
         "1": {"class_type": "ZImageTurboLoader", "inputs": {
-            "model": model, "text_encoder": TEXT_ENCODER, "vae": VAE, "dtype": dtype, "device": "auto", "memory": memory}},
+            "model": model, "text_encoder": TEXT_ENCODER, "vae": VAE, "dtype": dtype, "device": "auto", "memory": memory, "compile": "auto"}},
         "2": {"class_type": "ZImageTurboLoraStack", "inputs": {"loras": json.dumps(loras or [])}},
         "3": {"class_type": "ZImageTurboSampler", "inputs": {
             "pipe": ["1", 0], "lora_stack": ["2", 0], "prompt": prompt, "negative_prompt": "", "width": width,

@@ -44,7 +44,7 @@ def test_object_info_lists_the_four_nodes(comfy):
         assert len(node["description"]) > 40
         for inp, spec in {**node["input"]["required"], **node["input"].get("optional", {})}.items():
             assert spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
-    assert set(info["ZImageTurboLoader"]["input"]["required"]) == {"model", "text_encoder", "vae", "dtype", "device", "memory"}
+    assert set(info["ZImageTurboLoader"]["input"]["required"]) == {"model", "text_encoder", "vae", "dtype", "device", "memory", "compile"}
     assert MODEL in info["ZImageTurboLoader"]["input"]["required"]["model"][0]
     assert "[diffusers] zit_tiny" in info["ZImageTurboLoader"]["input"]["required"]["model"][0]
     sampler = info["ZImageTurboSampler"]["input"]["required"]
@@ -153,9 +153,15 @@ def test_comfy_cli_runs_the_prompt(comfy, tmp_path):
 
 def test_unload_models_releases_the_pipeline(comfy):
     ok(comfy, api_prompt(seed=41))
+    loaded = comfy.client.get("/zimage_turbo/status")[1]["pipelines"]
+    assert any(p["device"] == "cpu" and p["weight_bytes"] > 0 for p in loaded)
     status, _ = comfy.client.post("/free", {"unload_models": True, "free_memory": True})
     assert status == 200
-    time.sleep(1.0)
+    # ComfyUI applies /free between prompts; wait until it has (its notify can be missed while busy).
+    deadline = time.time() + 30
+    while comfy.client.get("/zimage_turbo/status")[1]["pipelines"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert comfy.client.get("/zimage_turbo/status")[1]["pipelines"] == []
     again = ok(comfy, api_prompt(seed=42))
     assert probe_of(again)["base_reloaded"] is True
     assert "ComfyUI unloaded models; releasing the pipeline" in comfy.log_text()
