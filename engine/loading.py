@@ -466,6 +466,9 @@ def load_components(source: ModelSource, device: torch.device, dtype: torch.dtyp
         if not hit:
             fresh[part] = item.load_seconds
         out[part] = item
+    tok_dir = Path(source.root) / "tokenizer" if isinstance(source, DiffusersFolder) else Path(source.tokenizer_dir)
+    tok_files = tuple(FileId.of(p) for p in sorted(tok_dir.glob("*")) if p.is_file()) if tok_dir.is_dir() else ()
+    tokenizer, _ = COMPONENTS.get_or_load(("tokenizer", str(tok_dir), tok_files), lambda: (load_tokenizer(source), 0))
     return LoadedComponents(
-        out["transformer"], out["text_encoder"], out["vae"], load_tokenizer(source), source, fresh, tuple(keys)
+        out["transformer"], out["text_encoder"], out["vae"], tokenizer.module, source, fresh, tuple(keys)
     )

@@ -435,6 +435,9 @@ class LoraManager:
                 layer.enable_adapters(False)
                 continue
             layer.enable_adapters(True)
-            layer.set_adapter(active, inference_mode=True)
+            try:
+                layer.set_adapter(active, inference_mode=True)
+            except TypeError:  # PEFT before 0.17 has no inference_mode argument
+                layer.set_adapter(active)
             for name, s in strengths.items():
                 layer.scaling[name].fill_(s)

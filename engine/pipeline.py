@@ -204,7 +204,9 @@ class TurboPipeline:
         check_interrupt: Callable[[], None] | None = None,
     ) -> GenerationResult:
         req.validate()
-        with self.lock:
+        # Inference mode for everything, LoRA slot updates included: tensors made inside it (as
+        # ComfyUI runs nodes) may only be changed inside it.
+        with self.lock, torch.inference_mode():
             try:
                 return self._generate(req, list(loras), on_step, check_interrupt)
             except torch.OutOfMemoryError:

@@ -24,6 +24,17 @@ def test_both_layouts_load_identical_weights(tiny, fresh_engine):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), part
 
 
+def test_both_layouts_generate_the_same_image(tiny, fresh_engine):
+    """Same weights is not enough: settings that are not in the weights (norm groups, rope) must agree too."""
+    from engine.pipeline import GenerationRequest, get_pipeline
+
+    built = tiny["built"]
+    req = GenerationRequest("灯塔, a lighthouse at dawn", width=48, height=32, seed=5)
+    a = get_pipeline(DiffusersFolder(built.diffusers_dir), CPU, torch.float32).generate(req).images
+    b = get_pipeline(split_source(built), CPU, torch.float32).generate(req).images
+    assert torch.equal(a, b)
+
+
 def test_split_file_names_match_diffusers_single_file_converters(tiny, fresh_engine):
     """An independent check of our key mapping: diffusers' own converters read our split files the same way."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel

