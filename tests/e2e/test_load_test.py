@@ -131,6 +131,13 @@ def test_rejected_and_failing_prompts_count_as_errors_with_their_messages(comfy,
     with pytest.raises(load_test.LoadTestError, match="warm-up failed"):
         load_test.run_load_test(comfy.client, bad_size, [1], 1, log=lambda *_: None)
 
+    # A prompt can never finish within 10 ms: both time out, and are taken off the server again.
+    slow = load_test.Workflow.from_graph(tiny_graph(width=128, height=128, steps=8))
+    timed_out = load_test.run_load_test(comfy.client, slow, [2], 2, warmup=0, timeout_s=0.01, log=lambda *_: None)
+    assert [r["status"] for r in timed_out["requests"]] == ["timeout", "timeout"]
+    assert "no result within 0.01 s" in timed_out["requests"][1]["error"]
+    assert load_test._wait_until_idle(comfy.client, timeout_s=30)
+
 
 def test_workflow_files_are_checked(tmp_path):
     ui = tmp_path / "ui.json"
@@ -148,8 +155,8 @@ def test_workflow_files_are_checked(tmp_path):
 
 def test_cli_with_an_api_workflow_file(comfy, tmp_path):
     workflow = tmp_path / "workflow_api.json"
-    # api_prompt has a LoRA stack node, unlike the built-in graph.
-    workflow.write_text(json.dumps(api_prompt(width=64, height=48, steps=2)))
+    # api_prompt has a LoRA stack node, unlike the built-in graph; bf16 reuses the pipeline the server holds.
+    workflow.write_text(json.dumps(api_prompt(width=64, height=48, steps=2, dtype="bf16")))
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "load_test.py"), "--port", str(comfy.port), "--workflow", str(workflow),
@@ -165,3 +172,27 @@ def test_cli_with_an_api_workflow_file(comfy, tmp_path):
     assert data["label"] == "cli test" and data["model_note"] == NOTE
     assert {r["probe"]["width"] for r in data["requests"]} == {64}
     assert [lvl["succeeded"] for lvl in data["levels"]] == [2, 2]
+
+
+def test_gpu_probe_figures_become_peak_vram(report):
+    """What a GPU server's probe sends (torch and NVML figures) turns into peak VRAM, without a GPU here."""
+    gib = 2**30
+    probe_output = {"device_name": "cuda:0 (NVIDIA H100 80GB HBM3)", "dtype": "bf16", "total_s": 1.0,
+                    "torch_memory": {"peak_allocated_bytes": 20 * gib, "peak_reserved_bytes": 24 * gib},
+                    "nvml_during": {"available": True, "name": "NVIDIA H100 80GB HBM3", "used_bytes": 26 * gib},
+                    "nvml_after": {"available": True, "name": "NVIDIA H100 80GB HBM3", "used_bytes": 25 * gib},
+                    "process_rss_bytes": 3 * gib}
+    probe = load_test._probe_summary({"outputs": {"3": {"zimage_probe": [probe_output]}}}, "3")
+    assert (probe["torch_peak_allocated_bytes"], probe["nvml_used_bytes"]) == (20 * gib, 26 * gib)
+    records = [load_test.RequestRecord(1, i, i, f"p{i}", status="success", latency_s=1.0 + i, images=1,
+                                       probe={**probe, "torch_peak_allocated_bytes": (20 + i) * gib})
+               for i in range(3)]
+    summary = load_test.summarize_level(1, records, 3.0, ["2"])
+    assert (summary["peak_memory_kind"], summary["peak_memory_bytes"]) == ("torch_peak_allocated", 22 * gib)
+    assert summary["images_per_s"] == 1.0 and summary["latency_p50_s"] == 2.0
+    gpu = {**report, "device_name": probe["device_name"], "is_cpu": False, "model_note": "", "levels": [summary],
+           "requests": [load_test.asdict(r) for r in records]}
+    md = load_test.render_markdown(gpu)
+    assert "peak VRAM (torch max allocated)" in md and "| 22.00 GiB |" in md
+    assert "CPU run" not in md and "no --model-note given" in md
+    assert "_nvidia-h100-80gb-hbm3" in load_test.default_stem(gpu)
