@@ -1,17 +1,21 @@
-"""torch.compile for the transformer's repeated blocks (regional compilation).
+"""torch.compile where it pays: the transformer's repeated blocks, the text encoder's layers, the VAE decoder.
 
-Compiling the 34 identical blocks once (they share one compiled graph) fuses the
-element-wise work around the matrix products (RMSNorms, modulation, RoPE, gating)
-without compiling the whole model. Shapes are dynamic, so a new prompt length or
-image size does not recompile; LoRA slots keep strengths in tensors, so switching
-styles does not recompile either. First use pays the compile (reported by the probe).
+Regional compilation: each repeated block type is compiled once and reused by all its
+instances (34 transformer blocks, 35 text-encoder layers). The transformer blocks first
+get an attention processor that applies RoPE in real arithmetic (fast_attention.py),
+because inductor cannot fuse complex numbers. Shapes are dynamic, so a new prompt length
+or image size does not recompile; LoRA slots keep strengths in tensors, so switching
+styles does not recompile either. The first run pays the compile (the probe reports it).
+Streamed modules (offload modes) are never compiled: their weights move between calls.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-BLOCK_CLASS = "ZImageTransformerBlock"
+from . import fast_attention
+
+TRANSFORMER_BLOCK = "ZImageTransformerBlock"
 COMPILE_MODES = ("auto", "on", "off")
 
 
@@ -23,17 +27,33 @@ def wants_compile(mode: str, device_type: str) -> bool:
     return mode == "on" or (mode == "auto" and device_type == "cuda")
 
 
-def blocks(transformer: nn.Module) -> list[nn.Module]:
-    return [m for m in transformer.modules() if type(m).__name__ == BLOCK_CLASS]
+def _regions(module: nn.Module, class_suffix: str) -> list[nn.Module]:
+    return [m for m in module.modules() if type(m).__name__.endswith(class_suffix)]
 
 
-def is_compiled(transformer: nn.Module) -> bool:
-    return any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks(transformer))
-
-
-def set_compiled(transformer: nn.Module, on: bool) -> None:
-    for block in blocks(transformer):
-        if on and getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(dynamic=True, fullgraph=False)
+def _set(regions: list[nn.Module], on: bool) -> None:
+    for r in regions:
+        if on and getattr(r, "_compiled_call_impl", None) is None:
+            r.compile(dynamic=True, fullgraph=False)
         elif not on:
-            block._compiled_call_impl = None
+            r._compiled_call_impl = None
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
+def set_transformer(transformer: nn.Module, on: bool) -> None:
+    if on:
+        fast_attention.install(transformer)
+    _set(_regions(transformer, TRANSFORMER_BLOCK), on)
+    if not on:
+        fast_attention.uninstall(transformer)
+
+
+def set_text_encoder(text_encoder: nn.Module, on: bool) -> None:
+    _set(_regions(text_encoder, "DecoderLayer"), on)
+
+
+def set_vae(vae: nn.Module, on: bool) -> None:
+    _set([vae.decoder], on)

@@ -133,11 +133,17 @@ class TurboPipeline:
     # ---------------------------------------------------------------- memory
 
     def _apply_compile(self) -> bool:
-        """Compile (or un-compile) the transformer blocks as asked; low_vram streams blocks, so never there."""
-        want = acceleration.wants_compile(self.compile_mode, self.device.type) and self.memory != "low_vram"
-        if want != acceleration.is_compiled(self.transformer):
-            acceleration.set_compiled(self.transformer, want)
-        return want
+        """Compile (or un-compile) what the settings allow: streamed modules are never compiled."""
+        want = acceleration.wants_compile(self.compile_mode, self.device.type)
+        plan = (
+            (self.transformer, acceleration.set_transformer, want and self.tstate.streamer is None),
+            (self.text_encoder, acceleration.set_text_encoder, want and self.testate.streamer is None),
+            (self.vae, acceleration.set_vae, want),
+        )
+        for module, setter, on in plan:
+            if on != acceleration.is_compiled(module):
+                setter(module, on)
+        return want and self.tstate.streamer is None
 
     def _apply_memory_mode(self) -> None:
         """Put weights where the memory mode wants them (a no-op on the CPU, where all is host memory)."""
