@@ -54,8 +54,15 @@ class InProcessComfy:
         self.execution = execution
         self.nodes = nodes
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-        self.executor = execution.PromptExecutor(_NoServer(), cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args={"lru": 0, "ram": 0})
+        self.executors: dict[str, object] = {}
+
+    def executor(self, name: str = "default"):
+        """One executor per workflow: ComfyUI's classic cache keeps only the last prompt's nodes, so two
+        workflows sharing one executor would evict each other's loaded models on every switch."""
+        if name not in self.executors:
+            self.executors[name] = self.execution.PromptExecutor(
+                _NoServer(), cache_type=self.execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+        return self.executors[name]
 
     def validate(self, prompt: dict, image_node: str) -> tuple[bool, object]:
         """ComfyUI's own queue-time validation: (ok, errors). It wants an output node: a preview of `image_node`."""
@@ -63,18 +70,19 @@ class InProcessComfy:
         result = asyncio.run(self.execution.validate_prompt(uuid.uuid4().hex, prompt, None))
         return result[0], (result[1], result[3])
 
-    def run(self, prompt: dict, outputs: list[str]) -> float:
+    def run(self, prompt: dict, outputs: list[str], executor: str = "default") -> float:
         """Execute `prompt` up to `outputs` (node ids); return seconds, with the GPU synchronised."""
+        ex = self.executor(executor)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        self.executor.execute(prompt, uuid.uuid4().hex, {}, outputs)
+        ex.execute(prompt, uuid.uuid4().hex, {}, outputs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        if not self.executor.success:
-            errors = [m for m in self.executor.status_messages if m[0] == "execution_error"]
-            detail = errors[0][1].get("exception_message") if errors else self.executor.status_messages[-3:]
+        if not ex.success:
+            errors = [m for m in ex.status_messages if m[0] == "execution_error"]
+            detail = errors[0][1].get("exception_message") if errors else ex.status_messages[-3:]
             raise RuntimeError(f"ComfyUI execution failed: {detail}")
         return seconds
 

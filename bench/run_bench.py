@@ -204,7 +204,7 @@ class Bench:
 
         graph, ids = package_graph(prompt, seed, self.size, self.steps, loras=loras, memory=memory,
                                    compile_mode=compile_mode, dtype="fp32" if self.args.tiny else "bf16")
-        seconds = self.comfy.run(graph, [ids[o] for o in outputs])
+        seconds = self.comfy.run(graph, [ids[o] for o in outputs], executor="ours")
         return seconds, self.ours_pipe().last_report
 
     def eng(self, name: str):
@@ -219,7 +219,7 @@ class Bench:
         from comfy_inprocess import native_zimage_graph
 
         graph, ids = native_zimage_graph(prompt, seed, self.size, self.steps)
-        return self.comfy.run(graph, [ids[upto]])
+        return self.comfy.run(graph, [ids[upto]], executor="native")
 
     def diffusers_run(self, prompt, seed):
         gen = torch.Generator("cpu").manual_seed(seed)
@@ -290,7 +290,7 @@ class Bench:
 
     def s_alternating(self):
         times = {"diffusers": [], "comfyui": [], "ours": []}
-        ours_steps, ours_phases = [], []
+        ours_steps, ours_phases, outside = [], [], []
         for i in range(self.args.warmup + self.args.runs):
             for system in ("diffusers", "comfyui", "ours"):
                 p, s = self.next_prompt()
@@ -301,6 +301,7 @@ class Bench:
                 else:
                     t, rep = self.ours_run(p, s)
                     if i >= self.args.warmup:
+                        outside.append(t - rep.total_s)
                         ours_steps += rep.step_s
                         ours_phases.append({"lora_s": rep.lora_s, "text_encode_s": rep.text_encode_s,
                                             "denoise_s": rep.denoise_s, "vae_decode_s": rep.vae_decode_s,
@@ -310,11 +311,23 @@ class Bench:
                 print(f"    run {i} {system}: {t * 1000:.1f} ms", flush=True)
         out = {k: stats(v) for k, v in times.items()}
         out["ours_step_s"] = stats(ours_steps)
+        out["ours_outside_generate_s"] = stats(outside)  # ComfyUI executor + node code around generate()
+        out.update(self.overhead_parts())
         out["ours_phases_median"] = {k: median([ph[k] for ph in ours_phases]) for k in ours_phases[0]} if ours_phases else None
         d, c, o = (out[k]["median"] for k in ("diffusers", "comfyui", "ours"))
         out["speedup_vs_diffusers"] = d / o
         out["speedup_vs_comfyui"] = c / o
         return out
+
+    def overhead_parts(self):
+        """What the sampler node does besides generate(): fetch the cached pipeline, tell ComfyUI it is loaded."""
+        pipe = self.ours_pipe()
+        runtime = self.comfy.package_module("nodes.comfy_runtime")
+        get_pipeline = self.eng("pipeline").get_pipeline
+        t_get = median([timed(lambda: get_pipeline(pipe.comps.source, pipe.device, pipe.dtype, pipe.memory,
+                                                   pipe.compile_mode))[0] for _ in range(5)])
+        t_reg = median([timed(lambda: runtime.register_with_model_manager(pipe))[0] for _ in range(5)])
+        return {"ours_get_pipeline_s": t_get, "ours_register_with_comfy_s": t_reg}
 
     def s_phases(self):
         """Where the other two spend their time (ours reports its own phases)."""
@@ -454,21 +467,27 @@ class Bench:
         return out
 
     def s_memory_modes(self):
+        """Peaks are ours alone: the other systems' (static) allocations are subtracted, as in s_memory."""
         out = {}
+        others_modules = [self.dpipe.transformer, self.dpipe.text_encoder, self.dpipe.vae] + self.comfy.loaded_modules()
         for mode in ("offload_text_encoder", "low_vram"):
             runs, peaks, steps = [], [], []
             n = self.args.runs if mode == "offload_text_encoder" else 1
             for i in range(n + 1):
+                gc.collect()
+                torch.cuda.empty_cache()
+                others = module_bytes(others_modules)
                 torch.cuda.reset_peak_memory_stats()
                 p, s = self.next_prompt()
                 t, rep = self.ours_run(p, s, memory=mode)
                 if i > 0:
                     runs.append(t)
-                    peaks.append(rep.torch_memory.get("peak_allocated_bytes", 0) / GIB)
+                    peaks.append((torch.cuda.max_memory_allocated() - others) / GIB)
                     steps += rep.step_s
+            pipe = self.ours_pipe()
             out[mode] = {"e2e_s": stats(runs), "peak_allocated_gib": max(peaks) if peaks else None,
                          "step_s": median(steps), "text_encode_s": rep.text_encode_s,
-                         "note": "whole-process peak; the diffusers and ComfyUI models stay resident meanwhile"}
+                         "ours_on_gpu_gib": module_bytes([pipe.transformer, pipe.text_encoder, pipe.vae]) / GIB}
         p, s = self.next_prompt()
         self.ours_run(p, s, memory="resident")
         return out
@@ -479,19 +498,21 @@ class Bench:
 
         out = {}
         pipe = self.ours_pipe()
-        # compile off vs on
-        eager_steps, eager_e2e = [], []
+        # compile off vs on: the same runs eager (transformer, text encoder and VAE decoder all eager)
+        eager_reps, eager_e2e = [], []
         for _ in range(3):
             p, s = self.next_prompt()
             t, rep = self.ours_run(p, s, compile_mode="off")
-            eager_steps += rep.step_s
+            eager_reps.append(rep)
             eager_e2e.append(t)
-        out["eager_step_s"] = median(eager_steps)
+        out["eager_step_s"] = median([x for r in eager_reps for x in r.step_s])
+        out["eager_text_encode_s"] = median([r.text_encode_s for r in eager_reps])
+        out["eager_vae_decode_s"] = median([r.vae_decode_s for r in eager_reps])
         out["eager_e2e_s"] = median(eager_e2e)
         p, s = self.next_prompt()
         t, rep = self.ours_run(p, s, compile_mode="auto")
         out["recompile_after_toggle_e2e_s"] = t
-        # text encoding: own length vs padded to 512 like diffusers
+        # text encoding: own length vs padded to 512 like diffusers (compiled encoder)
         te = pipe.text_encoder
         ids = pipe.tokenizer(PROMPT.format(i=0)).input_ids
         for label, n in (("own_length", len(ids)), ("padded_512", 512)):
@@ -507,17 +528,6 @@ class Bench:
         t, rep = self.ours_run(p, s + 1)
         out["cached_prompt_e2e_s"] = t
         out["cached_prompt_text_encode_s"] = rep.text_encode_s
-        # VAE decode variants on the same latents
-        vae = pipe.vae
-        lat = torch.randn(1, 16, self.size // 8, self.size // 8, device=self.device, dtype=vae.dtype)
-        with torch.inference_mode():
-            vae.decode(lat)
-            out["vae_decode_eager_s"] = median([timed(lambda: vae.decode(lat, return_dict=False)[0])[0] for _ in range(5)])
-            vae.to(memory_format=torch.channels_last)
-            vae.decode(lat)
-            out["vae_decode_channels_last_s"] = median(
-                [timed(lambda: vae.decode(lat, return_dict=False)[0])[0] for _ in range(5)])
-            vae.to(memory_format=torch.contiguous_format)
         # attention kernels on Z-Image's shape: 30 heads x 128, image + caption tokens
         if self.device.type == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel

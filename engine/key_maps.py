@@ -88,6 +88,11 @@ def transformer_diffusers_to_original(sd: dict[str, torch.Tensor]) -> dict[str, 
             if name.startswith(new) or new.startswith(".") and new in name:
                 name = name.replace(new, old, 1)
         out[name] = tensor
+    # Original exports carry a final norm weight the model never uses (diffusers drops it too);
+    # ComfyUI's loader expects it, so our test files have it.
+    final = sd.get("all_final_layer.2-1.linear.weight")
+    if final is not None:
+        out["norm_final.weight"] = torch.ones(final.shape[1], dtype=final.dtype, device=final.device)
     return out
 
 

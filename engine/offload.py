@@ -14,9 +14,13 @@ from torch import nn
 
 
 class BlockStreamer:
-    def __init__(self, blocks: list[nn.Module], device: torch.device):
+    """wrap: after the last block, prefetch the first (the transformer runs its blocks once per step;
+    the text encoder once per prompt, so there it would only park a block on the device)."""
+
+    def __init__(self, blocks: list[nn.Module], device: torch.device, wrap: bool = True):
         self.blocks = blocks
         self.device = device
+        self.wrap = wrap
         self.copy_stream = torch.cuda.Stream(device)
         self.host: list[dict[str, torch.Tensor]] = []
         self.ready: dict[int, torch.cuda.Event] = {}
@@ -49,7 +53,8 @@ class BlockStreamer:
             compute.wait_event(self.ready.pop(i))
             for p in module.parameters():
                 p.data.record_stream(compute)  # keep the memory until this stream is done with it
-            self._prefetch((i + 1) % len(self.blocks))
+            if i + 1 < len(self.blocks) or self.wrap:
+                self._prefetch((i + 1) % len(self.blocks))
             return None
 
         return hook
@@ -84,6 +89,21 @@ def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
 
 def text_encoder_blocks(text_encoder: nn.Module) -> list[nn.Module]:
     return list(text_encoder.layers)
+
+
+def place_outside_blocks(module: nn.Module, blocks: list[nn.Module], device: torch.device,
+                         host: tuple[str, ...] = ()) -> None:
+    """Parameters that are not in a streamed block: on the device, except those named in `host`
+    (kept in pinned host memory, e.g. the text encoder's 0.7 GiB embedding table, looked up on the CPU)."""
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    for name, p in module.named_parameters():
+        if id(p) in in_blocks:
+            continue
+        if any(name.startswith(h) for h in host):
+            if p.device.type != "cpu" or not p.is_pinned():
+                p.data = p.data.to("cpu").pin_memory()
+        elif p.device != device:
+            p.data = p.data.to(device)
 
 
 def move_module(module: nn.Module, device: torch.device, pin: bool = False) -> None:

@@ -22,7 +22,7 @@ from .errors import InvalidSettingError, OutOfMemoryError, ZImageError
 from .loading import COMPONENTS, DTYPE_NAMES, CachedComponent, LoadedComponents, ModelSource, load_components
 from .lora import LORA_FILES, LoraApplyReport, LoraManager, LoraSpec
 from .model_config import CHAT_TEMPLATE, LATENT_CHANNELS, MAX_PROMPT_TOKENS, SIZE_MULTIPLE, VAE_SCALE
-from .offload import BlockStreamer, text_encoder_blocks, transformer_blocks
+from .offload import BlockStreamer, place_outside_blocks, text_encoder_blocks, transformer_blocks
 from .report import RunReport
 
 MEMORY_MODES = ("resident", "offload_text_encoder", "low_vram")
@@ -151,20 +151,18 @@ class TurboPipeline:
             return
         stream_te = self.memory in ("offload_text_encoder", "low_vram")
         stream_tr = self.memory == "low_vram"
-        for st, blocks_of, module, want in (
-            (self.testate, text_encoder_blocks, self.text_encoder, stream_te),
-            (self.tstate, transformer_blocks, self.transformer, stream_tr),
+        for st, blocks_of, module, want, wrap, host in (
+            (self.testate, text_encoder_blocks, self.text_encoder, stream_te, False, ("embed_tokens",)),
+            (self.tstate, transformer_blocks, self.transformer, stream_tr, True, ()),
         ):
             if want and st.streamer is None:
-                st.streamer = BlockStreamer(blocks_of(module), self.device)
+                st.streamer = BlockStreamer(blocks_of(module), self.device, wrap=wrap)
             elif not want and st.streamer is not None:
                 st.streamer.remove(back_to_device=True)
                 st.streamer = None
-            if not want:
-                # A text encoder loaded into host memory for an offload mode, now wanted resident.
-                for p in module.parameters():
-                    if p.device != self.device:
-                        p.data = p.data.to(self.device)
+            # Everything outside the streamed blocks: on the device (a text encoder loaded into host
+            # memory for an offload mode, now wanted resident, comes back too).
+            place_outside_blocks(module, blocks_of(module) if want else [], self.device, host if want else ())
         torch.cuda.empty_cache()
 
     def drop_streamers(self) -> None:
@@ -185,10 +183,16 @@ class TurboPipeline:
         templated = CHAT_TEMPLATE.format(prompt=text)
         full = self.tokenizer(templated, add_special_tokens=False).input_ids
         ids = full[:MAX_PROMPT_TOKENS]
-        ids_t = torch.tensor([ids], device=self.device)
+        table = self.text_encoder.embed_tokens.weight
         with torch.inference_mode():
-            # The encoder was built without its last layer and final norm: its output is hidden_states[-2].
-            out = self.text_encoder(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), use_cache=False)
+            # One unpadded sequence: no attention mask (plain causal attention, the fast kernels).
+            # In offload modes the embedding table stays in host memory: look the rows up there.
+            if table.device != self.device:
+                embeds = table[torch.tensor(ids)].to(self.device, non_blocking=True)[None]
+                out = self.text_encoder(inputs_embeds=embeds, use_cache=False)
+            else:
+                out = self.text_encoder(input_ids=torch.tensor([ids], device=self.device), use_cache=False)
+        # The encoder was built without its last layer and final norm: its output is hidden_states[-2].
         emb = out.last_hidden_state[0].to(self.dtype)
         cache[text] = emb
         while len(cache) > EMBED_CACHE_SIZE:

@@ -39,7 +39,8 @@ def largest_gated_activation(pipe) -> float:
     return max(seen)
 
 
-@pytest.mark.parametrize("gain,tolerance", [(250.0, 0.01), (400.0, 0.06)])
+# Clamping changes the few overflowing activations a little; the image stays within a few percent.
+@pytest.mark.parametrize("gain,tolerance", [(250.0, 0.03), (400.0, 0.06)])
 def test_fp16_stays_finite_and_close_to_fp32(tiny, tmp_path, fresh_engine, gain, tolerance):
     source = hot_model(tiny, tmp_path, gain)
     p32 = get_pipeline(source, CPU, torch.float32)
@@ -50,6 +51,7 @@ def test_fp16_stays_finite_and_close_to_fp32(tiny, tmp_path, fresh_engine, gain,
     out = p16.generate(REQ).images
     assert torch.isfinite(out).all()
     assert (out - ref).abs().max().item() < tolerance
+    assert (out - ref).abs().mean().item() < tolerance / 5
 
     # Without the guards the same fp16 model breaks: the guards are what keeps it finite.
     fp16_guard.remove_guards(p16.tstate.guards)
