@@ -11,6 +11,8 @@ Streamed modules (offload modes) are never compiled: their weights move between 
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 from . import fast_attention
@@ -57,3 +59,18 @@ def set_text_encoder(text_encoder: nn.Module, on: bool) -> None:
 
 def set_vae(vae: nn.Module, on: bool) -> None:
     _set([vae.decoder], on)
+
+
+def tracing_context():
+    """Settings for the traces our modules make (they happen lazily, inside generate()).
+
+    Without this, dynamo's "duck sizing" assumes dimensions that were equal at the first trace
+    stay equal: after a square image, the first non-square one recompiles the VAE decoder.
+    Scoped to our calls, so other compiled models in the process keep their own settings.
+    """
+    try:
+        from torch.fx.experimental import _config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):
+        return contextlib.nullcontext()

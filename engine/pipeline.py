@@ -216,7 +216,7 @@ class TurboPipeline:
         req.validate()
         # Inference mode for everything, LoRA slot updates included: tensors made inside it (as
         # ComfyUI runs nodes) may only be changed inside it.
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), acceleration.tracing_context():
             try:
                 return self._generate(req, list(loras), on_step, check_interrupt)
             except torch.OutOfMemoryError:
