@@ -8,5 +8,6 @@ SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 echo "[setup] installing Debian's chromium and chromium-driver"
 $SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver > /dev/null
+# fonts-wqy-zenhei: Chinese prompts and Notes are readable in the screenshots.
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver fonts-wqy-zenhei > /dev/null
 /usr/bin/chromium --version
