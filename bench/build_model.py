@@ -42,7 +42,7 @@ def main() -> int:
     sizes = model_builder.TINY if args.tiny else model_builder.FULL
     dtype = torch.float32 if args.tiny else torch.bfloat16
     t0 = time.perf_counter()
-    built = model_builder.build_random_model(
+    model_builder.build_random_model(
         args.root, "Z-Image-Turbo", sizes, seed=0, device=args.device, dtype=dtype,
         qwen_tokenizer_dir=args.qwen_tokenizer, split_names=SPLIT_NAMES)
     model_seconds = time.perf_counter() - t0

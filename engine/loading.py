@@ -240,12 +240,6 @@ def vae_config_from_weights(shapes: dict[str, tuple[int, ...]], source: str) -> 
 # ------------------------------------------------------------ the loaders
 
 
-@dataclass
-class LoadTiming:
-    seconds: float = 0.0
-    bytes: int = 0
-
-
 def _load_transformer(files: list[Path], source: ModelSource, device, dtype) -> tuple[nn.Module, int]:
     from diffusers import ZImageTransformer2DModel
 

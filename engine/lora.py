@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import key_maps
-from .errors import LoraKeyError, ModelFileError
+from .errors import LoraKeyError
 from .loading import FileId
 from .safetensors_io import list_tensors, load_entries
 

@@ -104,12 +104,3 @@ def place_outside_blocks(module: nn.Module, blocks: list[nn.Module], device: tor
                 p.data = p.data.to("cpu").pin_memory()
         elif p.device != device:
             p.data = p.data.to(device)
-
-
-def move_module(module: nn.Module, device: torch.device, pin: bool = False) -> None:
-    """Move parameters (not buffers) in place; to the host in pinned memory if asked."""
-    for p in module.parameters():
-        if p.data.device == device and (not pin or p.data.is_pinned()):
-            continue
-        t = p.data.to(device)
-        p.data = t.pin_memory() if pin and device.type == "cpu" else t

@@ -11,15 +11,15 @@ import gc
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
 from . import acceleration, device_stats, fp16_guard
-from .errors import InvalidSettingError, OutOfMemoryError, ZImageError
-from .loading import COMPONENTS, DTYPE_NAMES, CachedComponent, LoadedComponents, ModelSource, load_components
+from .errors import InvalidSettingError, OutOfMemoryError
+from .loading import COMPONENTS, CachedComponent, LoadedComponents, ModelSource, load_components
 from .lora import LORA_FILES, LoraApplyReport, LoraManager, LoraSpec
 from .model_config import CHAT_TEMPLATE, LATENT_CHANNELS, MAX_PROMPT_TOKENS, SIZE_MULTIPLE, VAE_SCALE
 from .offload import BlockStreamer, place_outside_blocks, text_encoder_blocks, transformer_blocks
@@ -393,13 +393,6 @@ def release_pipeline(pipe: TurboPipeline, collect: bool = True) -> int:
     with _REGISTRY_LOCK:
         victims = [k for k, p in _PIPELINES.items() if p is pipe]
         return _release(victims, collect)
-
-
-def release_device(device: torch.device) -> int:
-    """Forget the pipelines on one device."""
-    with _REGISTRY_LOCK:
-        victims = [k for k, p in _PIPELINES.items() if p.device == torch.device(device)]
-        return _release(victims)
 
 
 def _release(victims: list[tuple], collect: bool = True) -> int:

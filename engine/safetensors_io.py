@@ -129,11 +129,6 @@ def list_tensors(path: Path) -> list[TensorEntry]:
     return entries
 
 
-def file_metadata(path: Path) -> dict:
-    header, _ = read_header(path)
-    return dict(header.get("__metadata__") or {})
-
-
 class _PinnedPool:
     """Process-wide pinned staging buffers, reused by every load (allocating pinned memory is slow)."""
 
