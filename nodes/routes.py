@@ -1,11 +1,14 @@
-"""GET /zimage_turbo/status: which Turbo pipelines are loaded, where, and how big.
+"""Routes for people serving ComfyUI over its API (and for the tests).
 
-For people serving ComfyUI over its API (and for the tests): after POST /free, this
-shows when the pipelines are really gone.
+GET  /zimage_turbo/status  which Turbo pipelines are loaded, where, and how big.
+POST /zimage_turbo/free    release every Turbo pipeline on every device. ComfyUI's own
+                           POST /free unloads the models of ComfyUI's device only, so a
+                           pipeline pinned to another GPU needs this.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from ..engine import pipeline as engine_pipeline
@@ -29,6 +32,13 @@ def status() -> dict:
     return {"pipelines": pipes}
 
 
+def free_all() -> None:
+    """Release every pipeline, each once no generation is running on it."""
+    for pipe in engine_pipeline.cached_pipelines():
+        with pipe.lock:
+            engine_pipeline.release_pipeline(pipe)
+
+
 def register() -> None:
     try:
         from aiohttp import web
@@ -40,6 +50,13 @@ def register() -> None:
 
     @PromptServer.instance.routes.get("/zimage_turbo/status")
     async def zimage_turbo_status(request):
+        return web.json_response(status())
+
+    @PromptServer.instance.routes.post("/zimage_turbo/free")
+    async def zimage_turbo_free(request):
+        # In a worker thread: it waits for a running generation (the pipeline's lock) without
+        # stalling the server's event loop.
+        await asyncio.get_running_loop().run_in_executor(None, free_all)
         return web.json_response(status())
 
     logging.getLogger("zimage_turbo").debug("registered /zimage_turbo/status")
