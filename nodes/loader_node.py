@@ -59,13 +59,17 @@ class ZImageTurboLoader:
                                "waits in pinned host memory and streams in to encode a new prompt (about 8 GB less). "
                                "low_vram: every block streams in as it runs (slowest, smallest). No effect on CPU.",
                 }),
+            },
+            # Optional, so prompts written before it existed still validate.
+            "optional": {
                 "compile": (list(COMPILE_MODES), {
                     "default": "auto",
-                    "tooltip": "torch.compile of the transformer blocks: faster steps after a one-time compile on the "
-                               "first run (tens of seconds at full size; new sizes, prompts and LoRA strengths do not "
-                               "recompile). auto: on for CUDA GPUs, off on CPU. Never used with low_vram.",
+                    "tooltip": "torch.compile of the transformer blocks, text encoder and VAE decoder: faster runs "
+                               "after a one-time compile on the first run (over a minute at full size; new sizes, "
+                               "prompts and LoRA strengths do not recompile). auto: on for CUDA GPUs, off on CPU. "
+                               "Streamed modules (offload modes) are not compiled.",
                 }),
-            }
+            },
         }
 
     @classmethod

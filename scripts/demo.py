@@ -58,7 +58,7 @@ def main() -> int:
     graph = {
         "1": {"class_type": "ZImageTurboLoader", "inputs": {
             "model": names["model"], "text_encoder": names["text_encoder"], "vae": names["vae"],
-            "dtype": "auto", "device": "auto", "memory": "resident"}},
+            "dtype": "auto", "device": "auto", "memory": "resident", "compile": "auto"}},
         "2": {"class_type": "ZImageTurboLoraStack", "inputs": {"loras": json.dumps(loras)}},
         "3": {"class_type": "ZImageTurboSampler", "inputs": {
             "pipe": ["1", 0], "lora_stack": ["2", 0], "prompt": args.prompt, "negative_prompt": "", "width": size,

@@ -43,7 +43,8 @@ def test_object_info_lists_the_four_nodes(comfy):
         assert len(node["description"]) > 40
         for inp, spec in {**node["input"]["required"], **node["input"].get("optional", {})}.items():
             assert spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
-    assert set(info["ZImageTurboLoader"]["input"]["required"]) == {"model", "text_encoder", "vae", "dtype", "device", "memory", "compile"}
+    assert set(info["ZImageTurboLoader"]["input"]["required"]) == {"model", "text_encoder", "vae", "dtype", "device", "memory"}
+    assert set(info["ZImageTurboLoader"]["input"]["optional"]) == {"compile"}
     assert MODEL in info["ZImageTurboLoader"]["input"]["required"]["model"][0]
     assert "[diffusers] zit_tiny" in info["ZImageTurboLoader"]["input"]["required"]["model"][0]
     sampler = info["ZImageTurboSampler"]["input"]["required"]
@@ -68,6 +69,12 @@ def test_every_dtype_generates_a_finite_image(comfy, dtype):
     res = ok(comfy, api_prompt(seed=3, dtype=dtype))
     assert probe_of(res)["dtype"] == ("bf16" if dtype == "auto" else dtype)  # auto on a CPU: bf16
     assert image_of(comfy, res).std() > 1
+
+
+def test_prompt_without_the_optional_compile_input_still_runs(comfy):
+    graph = api_prompt(seed=9)
+    del graph["1"]["inputs"]["compile"]  # as written before the input existed
+    assert probe_of(ok(comfy, graph))["compiled"] is False  # auto on a CPU: eager
 
 
 def test_diffusers_folder_source(comfy):
