@@ -309,6 +309,7 @@ class LoraManager:
         self.slot_rank = 0
         self.slot_files: list[str | None] = []  # slot -> adapter name of the file it holds
         self.layers: list[nn.Module] = []  # the PEFT LoRA layers, for quick updates
+        self.layer_names: list[str] = []  # their module paths, in the same order
         self.current: tuple[tuple[int, float], ...] = ()  # (slot, strength) of the active slots
         self.rebuilds = 0
 
@@ -362,7 +363,7 @@ class LoraManager:
             for i in range(len(self.slot_files)):
                 layer.delete_adapter(f"slot{i}")
             layer.enable_adapters(False)
-        self.slot_files, self.layers, self.current, self.slot_rank = [], [], (), 0
+        self.slot_files, self.layers, self.layer_names, self.current, self.slot_rank = [], [], [], (), 0
 
     @property
     def slot_count(self) -> int:
@@ -384,7 +385,9 @@ class LoraManager:
                 # PEFT warns that a model already holding adapters gets another one: that is the point here.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 inject_adapter_in_model(config, self.transformer, adapter_name=f"slot{i}")
-        self.layers = [m for m in self.transformer.modules() if isinstance(m, LoraLayer)]
+        named = [(n, m) for n, m in self.transformer.named_modules() if isinstance(m, LoraLayer)]
+        self.layers = [m for _, m in named]
+        self.layer_names = [n for n, _ in named]
         for layer in self.layers:
             for i in range(count):
                 slot = f"slot{i}"
@@ -403,7 +406,7 @@ class LoraManager:
     def _fill_slot(self, slot: int, parsed: ParsedLora) -> None:
         name = f"slot{slot}"
         with torch.no_grad():
-            for layer, module in zip(self.layers, self._layer_names()):
+            for layer, module in zip(self.layers, self.layer_names):
                 a = layer.lora_A[name].weight
                 b = layer.lora_B[name].weight
                 target = parsed.targets.get(module)
@@ -417,14 +420,6 @@ class LoraManager:
                 b[:, :r].copy_(target.up.float() * (target.alpha / r))  # alpha/rank folded in: scale = strength
                 b[:, r:].zero_()
         self.slot_files[slot] = parsed.adapter_name
-
-    def _layer_names(self) -> list[str]:
-        names = getattr(self, "_names_cache", None)
-        if names is None or len(names) != len(self.layers):
-            by_id = {id(m): n for n, m in self.transformer.named_modules()}
-            names = [by_id[id(layer)] for layer in self.layers]
-            self._names_cache = names
-        return names
 
     def _activate(self, state: tuple[tuple[int, float], ...]) -> None:
         active = [f"slot{i}" for i, _ in state]
