@@ -7,6 +7,7 @@ pipeline pinned to cuda:1 reports cuda:1's card even on multi-GPU machines.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -118,3 +119,11 @@ def device_name(device: torch.device) -> str:
 def synchronize(device: torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def current_device(device: torch.device):
+    """A context in which `device` is torch's current CUDA device (nothing to do for a CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -23,3 +23,7 @@ class InvalidSettingError(ZImageError):
 
 class OutOfMemoryError(ZImageError):
     """The device ran out of memory; the message says what to change."""
+
+
+class NonFiniteError(ZImageError):
+    """A generation produced NaN/infinite values: refused rather than returned as a black image."""

@@ -17,6 +17,7 @@ transformer; strengths and on/off only change adapter scales and the active set.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import threading
 import time
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from . import key_maps
-from .errors import LoraKeyError
+from .errors import InvalidSettingError, LoraKeyError
 from .loading import FileId
 from .safetensors_io import list_tensors, load_entries
 
@@ -191,6 +192,12 @@ def parse_lora(path: Path, modules: dict[str, tuple[int, int]]) -> ParsedLora:
                     "(lora_A/lora_B or lora_down/lora_up) are supported."
                 )
     tensors = load_entries(entries, "cpu")
+    broken = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise LoraKeyError(
+            f"{path.name}: {len(broken)} tensor(s) hold NaN or infinite values (e.g. {broken[0]}), which would "
+            "turn every image black. The file is broken: download it again, or re-export it from the trainer."
+        )
     lookup = _module_lookup(modules)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unmatched: list[str] = []
@@ -265,6 +272,23 @@ class LoraFileCache:
 LORA_FILES = LoraFileCache()
 
 
+# Beyond this a LoRA only produces overflow or noise; the real ones are used between about -2 and 2
+# ("slider" LoRAs up to about 5-8). Non-finite strengths would give a black image.
+MAX_ABS_STRENGTH = 20.0
+
+
+def check_strength(strength: float) -> float:
+    """The strength if it is usable, else InvalidSettingError saying what to use instead."""
+    if not math.isfinite(strength):
+        raise InvalidSettingError(f"strength {strength} is not a finite number: use e.g. 0.8 (or switch the row off).")
+    if abs(strength) > MAX_ABS_STRENGTH:
+        raise InvalidSettingError(
+            f"strength {strength:g} is outside -{MAX_ABS_STRENGTH:g}..{MAX_ABS_STRENGTH:g}: LoRAs are used at about "
+            "-2..2; larger values only overflow the model."
+        )
+    return strength
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """One row of a LoRA stack."""
@@ -272,6 +296,32 @@ class LoraSpec:
     path: Path
     strength: float = 1.0
     enabled: bool = True
+
+    def __repr__(self) -> str:
+        # ComfyUI shows node inputs (str of this) in its error reports to API clients: no server paths.
+        return f"LoraSpec({Path(self.path).name!r}, strength={self.strength:g}, on={self.enabled})"
+
+
+def combine_stack(front, back) -> tuple[LoraSpec, ...]:
+    """`front` followed by `back`; a LoRA file that is on twice is refused.
+
+    Two rows of one file used to add their strengths (200 rows at 0.8 became 160): that is never
+    what a user means, so the stack says which rows to merge instead.
+    """
+    out: list[LoraSpec] = []
+    seen: dict[Path, LoraSpec] = {}
+    for spec in tuple(front) + tuple(back):
+        if spec.enabled:
+            key = Path(spec.path).resolve()
+            if key in seen:
+                raise InvalidSettingError(
+                    f"{Path(spec.path).name} is switched on twice in the LoRA stack (strengths "
+                    f"{seen[key].strength:g} and {spec.strength:g}); a LoRA is applied once: keep one row with the "
+                    "strength you want."
+                )
+            seen[key] = spec
+        out.append(spec)
+    return tuple(out)
 
 
 @dataclass
@@ -320,14 +370,17 @@ class LoraManager:
         report = LoraApplyReport()
         wanted: OrderedDict[str, float] = OrderedDict()
         parsed_by_name: dict[str, ParsedLora] = {}
-        for spec in stack:
-            if not spec.enabled or spec.strength == 0:
+        for spec in combine_stack((), stack):
+            if not spec.enabled:
+                continue
+            strength = check_strength(float(spec.strength))
+            if strength == 0:
                 continue
             parsed, hit = self.files.get(spec.path, self.modules, self.signature)
             report.files_read += 0 if hit else 1
             name = parsed.adapter_name
             parsed_by_name[name] = parsed
-            wanted[name] = wanted.get(name, 0.0) + float(spec.strength)  # same file twice: strengths add up
+            wanted[name] = strength
 
         need_rank = max((max(p.ranks) for p in parsed_by_name.values()), default=0)
         if len(wanted) > len(self.slot_files) or need_rank > self.slot_rank:
@@ -335,16 +388,19 @@ class LoraManager:
             self._build_slots(max(len(wanted), len(self.slot_files)), rank)
             report.slots_rebuilt = True
 
-        slot_of = {name: i for i, name in enumerate(self.slot_files) if name in wanted}
-        free = [i for i, name in enumerate(self.slot_files) if name not in wanted]
-        for name in wanted:
-            if name not in slot_of:
-                slot = free.pop(0)
+        # Canonical placement: the k active files, ordered by file identity, sit in slots 0..k-1.
+        # PEFT sums the adapters' outputs in slot order, so the same stack gives the same bits
+        # whatever ran before it, and a compiled model only ever sees the slot lists [slot0..k-1].
+        # A file that has to move is copied again from its host copy (as fast as a switch).
+        order = sorted(wanted)
+        slot_of = {}
+        for slot, name in enumerate(order):
+            if self.slot_files[slot] != name:
                 self._fill_slot(slot, parsed_by_name[name])
-                slot_of[name] = slot
                 report.adapters_injected += 1
+            slot_of[name] = slot
 
-        state = tuple(sorted((slot_of[n], s) for n, s in wanted.items()))
+        state = tuple((slot_of[n], wanted[n]) for n in order)
         if state != self.current or report.adapters_injected:
             self._activate(state)
             report.changed = True

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import acceleration, device_stats, fp16_guard
-from .errors import InvalidSettingError, OutOfMemoryError
+from .errors import InvalidSettingError, NonFiniteError, OutOfMemoryError
 from .loading import COMPONENTS, CachedComponent, LoadedComponents, ModelSource, load_components
 from .lora import LORA_FILES, LoraApplyReport, LoraManager, LoraSpec
 from .model_config import CHAT_TEMPLATE, LATENT_CHANNELS, MAX_PROMPT_TOKENS, SIZE_MULTIPLE, VAE_SCALE
@@ -28,6 +28,8 @@ from .report import RunReport
 MEMORY_MODES = ("resident", "offload_text_encoder", "low_vram")
 MAX_SIDE = 4096
 MAX_BATCH = 16
+MAX_CFG = 30.0
+MAX_SHIFT = 20.0
 EMBED_CACHE_SIZE = 64
 
 
@@ -57,10 +59,11 @@ class GenerationRequest:
             raise InvalidSettingError(f"steps {self.steps}: use 1 to 200 (Turbo is made for 8).")
         if not 1 <= self.batch_size <= MAX_BATCH:
             raise InvalidSettingError(f"batch size {self.batch_size}: use 1 to {MAX_BATCH}.")
-        if self.cfg < 0 or not np.isfinite(self.cfg):
-            raise InvalidSettingError(f"cfg {self.cfg}: use 0 (off, the Turbo default) or a value above 1.")
-        if self.shift <= 0:
-            raise InvalidSettingError(f"shift {self.shift}: must be positive (Turbo uses 3).")
+        if not (np.isfinite(self.cfg) and 0 <= self.cfg <= MAX_CFG):
+            raise InvalidSettingError(f"cfg {self.cfg}: use 0 (off, the Turbo default) or a value from 1 to {MAX_CFG:g}.")
+        # NaN passes every comparison, so finiteness is checked first: a NaN shift gave a black image.
+        if not (np.isfinite(self.shift) and 0 < self.shift <= MAX_SHIFT):
+            raise InvalidSettingError(f"shift {self.shift}: use a number above 0 and up to {MAX_SHIFT:g} (Turbo uses 3).")
 
     @property
     def guidance(self) -> bool:
@@ -215,8 +218,10 @@ class TurboPipeline:
     ) -> GenerationResult:
         req.validate()
         # Inference mode for everything, LoRA slot updates included: tensors made inside it (as
-        # ComfyUI runs nodes) may only be changed inside it.
-        with self.lock, torch.inference_mode(), acceleration.tracing_context():
+        # ComfyUI runs nodes) may only be changed inside it. The pipeline's device is made the
+        # current one, so every CUDA call (events, streams, sync, memory stats) names it even in a
+        # process whose current device is another GPU (ComfyUI's default is cuda:0).
+        with self.lock, torch.inference_mode(), acceleration.tracing_context(), device_stats.current_device(self.device):
             try:
                 return self._generate(req, list(loras), on_step, check_interrupt)
             except torch.OutOfMemoryError:
@@ -272,9 +277,10 @@ class TurboPipeline:
         t0 = time.perf_counter()
         step_ends = []
         events = []  # CUDA: events[i] .. events[i+1] brackets step i
+        stream = torch.cuda.current_stream(dev) if cuda else None
         if cuda:
             events.append(torch.cuda.Event(enable_timing=True))
-            events[0].record()
+            events[0].record(stream)
         with torch.inference_mode():
             for i in range(req.steps):
                 if check_interrupt is not None:
@@ -290,7 +296,7 @@ class TurboPipeline:
                 latents = latents + (sigmas[i + 1] - sigmas[i]) * (-pred)
                 if cuda:
                     ev = torch.cuda.Event(enable_timing=True)
-                    ev.record()
+                    ev.record(stream)
                     events.append(ev)
                     # Wait for the previous step only: one step stays queued, so the GPU never idles
                     # while the progress bar still reports finished steps.
@@ -307,6 +313,8 @@ class TurboPipeline:
             if cuda and on_step:
                 on_step(req.steps, req.steps)
         report.denoise_s = time.perf_counter() - t0
+        if not bool(torch.isfinite(latents).all()):
+            raise NonFiniteError(self._non_finite_message("the latents became NaN or infinite while denoising", req, lora_rep))
         if cuda:
             report.step_s = [events[i].elapsed_time(events[i + 1]) / 1000.0 for i in range(req.steps)]
         else:
@@ -320,12 +328,27 @@ class TurboPipeline:
         with torch.inference_mode():
             vae_latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
             image, report.vae_fp32_fallback = self._decode(vae_latents)
+            if not bool(torch.isfinite(image).all()):
+                raise NonFiniteError(self._non_finite_message("the VAE decoder returned NaN or infinite pixels", req, lora_rep))
             images = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
         report.vae_decode_s = time.perf_counter() - t0
         report.total_s = time.perf_counter() - t_start
         report.finish(self)
         self.last_report = report
         return GenerationResult(images, vae_latents.float().cpu(), report)
+
+    def _non_finite_message(self, what: str, req: GenerationRequest, lora_rep: LoraApplyReport) -> str:
+        """Why a generation is refused instead of returning a black image, with the likely causes first."""
+        causes = []
+        if lora_rep.active:
+            rows = ", ".join(f"{a['file']} at strength {a['strength']:g}" for a in lora_rep.active)
+            causes.append(f"the LoRA(s) {rows}: try a lower strength or switch them off one by one")
+        if self.dtype == torch.float16:
+            causes.append("fp16 precision: use dtype bf16 (or auto)")
+        if req.shift != 3.0 or req.guidance:
+            causes.append(f"the sampler settings (shift {req.shift:g}, cfg {req.cfg:g}; Turbo uses shift 3, cfg 0)")
+        causes.append("the model files themselves: check them with `python -m engine check FILE` in the node pack's folder")
+        return f"{what}, so no image is returned (it would be black). Likely cause: " + "; or ".join(causes) + "."
 
     def _decode(self, vae_latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
         image = self.vae.decode(vae_latents.to(self.vae.dtype), return_dict=False)[0]

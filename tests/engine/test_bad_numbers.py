@@ -1,0 +1,94 @@
+"""Bad numbers never become a black image reported as success; stacks mean one thing."""
+
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.errors import InvalidSettingError, LoraKeyError, NonFiniteError
+from engine.loading import DiffusersFolder
+from engine.lora import LoraSpec, combine_stack
+from engine.pipeline import GenerationRequest, get_pipeline
+
+CPU = torch.device("cpu")
+REQ = GenerationRequest("a portrait, soft light", width=48, height=48, seed=21)
+
+
+@pytest.fixture()
+def pipe(tiny, fresh_engine):
+    return get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), CPU, torch.float32)
+
+
+@pytest.mark.parametrize("strength", [math.nan, math.inf, -math.inf, 1e30, -25.0])
+def test_unusable_strengths_are_refused_before_anything_runs(tiny, pipe, strength):
+    path = tiny["loras"]["diffusers"][0]
+    with pytest.raises(InvalidSettingError, match="strength"):
+        pipe.generate(REQ, [LoraSpec(path, strength)])
+    assert pipe.tstate.lora.current == ()  # nothing was applied
+
+
+@pytest.mark.parametrize("field,value", [("shift", math.nan), ("shift", math.inf), ("shift", 0.0), ("cfg", math.nan),
+                                         ("cfg", math.inf), ("cfg", -1.0)])
+def test_non_finite_sampler_settings_are_refused(field, value):
+    with pytest.raises(InvalidSettingError, match=field):
+        GenerationRequest("x", **{field: value}).validate()
+
+
+def _poisoned(tiny, tmp_path, name, value, every=False):
+    """The diffusers-format tiny LoRA with its first (or every) B matrix set to `value`."""
+    path, _ = tiny["loras"]["diffusers"]
+    sd = load_file(str(path))
+    keys = [k for k in sd if "lora_B" in k]
+    for k in keys if every else keys[:1]:
+        sd[k] = torch.full_like(sd[k], value)
+    key = keys[0]
+    out = tmp_path / name
+    save_file(sd, str(out))
+    return out, key
+
+
+def test_lora_file_holding_nan_weights_is_refused_naming_the_tensor(tiny, tmp_path, pipe):
+    bad, key = _poisoned(tiny, tmp_path, "nan_weights.safetensors", math.nan)
+    with pytest.raises(LoraKeyError, match=f"NaN or infinite values .*{key}.*download it again"):
+        pipe.generate(REQ, [LoraSpec(bad, 1.0)])
+
+
+def test_generation_that_overflows_is_an_error_naming_the_lora_not_a_black_image(tiny, tmp_path, pipe):
+    huge, _ = _poisoned(tiny, tmp_path, "huge_weights.safetensors", 1e30, every=True)  # finite in the file, overflows in use
+    with pytest.raises(NonFiniteError, match="no image is returned.*huge_weights.safetensors at strength 1"):
+        pipe.generate(REQ, [LoraSpec(huge, 1.0)])
+    assert torch.isfinite(pipe.generate(REQ).images).all()  # the pipeline is fine afterwards
+
+
+def test_a_lora_on_twice_is_refused_not_added_up(tiny, tmp_path, pipe):
+    path = tiny["loras"]["kohya_fused"][0]
+    with pytest.raises(InvalidSettingError, match="switched on twice.*0.8 and 0.8.*keep one row"):
+        pipe.generate(REQ, [LoraSpec(path, 0.8)] * 200)
+    link = tmp_path / "same_file_other_name.safetensors"
+    os.symlink(path, link)
+    with pytest.raises(InvalidSettingError, match="twice"):
+        combine_stack([LoraSpec(path, 0.5)], [LoraSpec(link, 0.3)])
+    # A switched-off duplicate is no duplicate: it is not applied at all.
+    assert len(combine_stack([LoraSpec(path, 0.5)], [LoraSpec(link, 0.3, enabled=False)])) == 2
+
+
+def test_same_stack_gives_the_same_bits_whatever_ran_before(tiny, pipe, fresh_engine):
+    a, b, c = (tiny["loras"][f][0] for f in ("diffusers", "kohya_split", "diffsynth"))
+    stack = [LoraSpec(a, 0.6), LoraSpec(b, -0.4)]
+    for history in ([LoraSpec(b, 1.0)], [LoraSpec(c, 0.3), LoraSpec(b, 0.2), LoraSpec(a, 0.1)], [LoraSpec(c, 1.0)],
+                    [LoraSpec(b, 0.5), LoraSpec(c, 0.5)]):
+        pipe.generate(REQ, history)
+    after_history = pipe.generate(REQ, list(reversed(stack))).images
+    from engine import pipeline
+
+    pipeline.release_all()
+    fresh = get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), CPU, torch.float32)
+    assert torch.equal(fresh.generate(REQ, stack).images, after_history)
+
+
+def test_lora_spec_shows_no_server_path(tiny):
+    path = tiny["loras"]["diffusers"][0]
+    text = str((LoraSpec(path, 0.8),))
+    assert path.name in text and str(path.parent) not in text
