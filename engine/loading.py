@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,15 @@ from .safetensors_io import TensorEntry, list_tensors, load_entries, refuse_pick
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+log = logging.getLogger("zimage_turbo")
+
+
+def shown(path: Path) -> str:
+    """A path as messages show it: its last two parts, never the server's absolute path."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
 # ---------------------------------------------------------------- identities
@@ -51,7 +61,7 @@ class FileId:
         try:
             st = path.stat()
         except FileNotFoundError:
-            raise ModelFileError(f"{path}: file not found.") from None
+            raise ModelFileError(f"{path.name}: file not found.") from None
         return cls(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
@@ -88,7 +98,7 @@ def _component_files(folder: Path, what: str) -> list[Path]:
         pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
         if pickles:
             refuse_pickle(folder / pickles[0])
-        raise ModelFileError(f"{folder}: no .safetensors weights found for the {what}.")
+        raise ModelFileError(f"{shown(folder)}: no .safetensors weights found for the {what}.")
     return files
 
 
@@ -97,7 +107,7 @@ def source_files(source: ModelSource) -> dict[str, list[Path]]:
     if isinstance(source, DiffusersFolder):
         root = Path(source.root)
         if not (root / "model_index.json").is_file():
-            raise ModelFileError(f"{root}: not a diffusers model folder (no model_index.json).")
+            raise ModelFileError(f"{root.name}: not a diffusers model folder (no model_index.json).")
         return {
             "transformer": _component_files(root / "transformer", "transformer"),
             "text_encoder": _component_files(root / "text_encoder", "text encoder"),
@@ -107,7 +117,7 @@ def source_files(source: ModelSource) -> dict[str, list[Path]]:
     for part, path in (("transformer", source.transformer), ("text_encoder", source.text_encoder), ("vae", source.vae)):
         path = Path(path)
         if not path.is_file():
-            raise ModelFileError(f"{path}: file not found (the {part.replace('_', ' ')} file).")
+            raise ModelFileError(f"{path.name}: file not found (the {part.replace('_', ' ')} file).")
         refuse_pickle(path)
         out[part] = [path]
     return out
@@ -166,7 +176,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: cannot read config ({exc}).") from None
+        raise ModelFileError(f"{shown(path)}: cannot read config ({type(exc).__name__}).") from None
 
 
 def _shapes(entries: list[TensorEntry]) -> dict[str, tuple[int, ...]]:
@@ -324,11 +334,12 @@ def load_tokenizer(source: ModelSource):
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:
-        raise ModelFileError(f"{folder}: no usable tokenizer files ({type(exc).__name__}: {exc}).") from None
+        log.warning("tokenizer in %s: %s", folder, exc)  # the full reason, for the server log only
+        raise ModelFileError(f"{shown(folder)}: no usable tokenizer files ({type(exc).__name__}).") from None
     # The chat template's markers must be single special tokens, or the prompt is encoded wrongly.
     for marker in ("<|im_start|>", "<|im_end|>"):
         if len(tok(marker, add_special_tokens=False).input_ids) != 1:
-            raise ModelFileError(f"{folder}: the tokenizer does not know the {marker} token; it is not a Qwen tokenizer.")
+            raise ModelFileError(f"{shown(folder)}: the tokenizer does not know the {marker} token; it is not a Qwen tokenizer.")
     return tok
 
 
@@ -407,7 +418,8 @@ def resolve_device(name: str, auto_device: torch.device | None = None) -> torch.
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name in ("auto", "", None):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Asked of this very GPU (Ampere and newer have bf16), not of the process's current one.
+            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
         return torch.bfloat16
     if name not in DTYPES:
         raise InvalidSettingError(f"unknown dtype {name!r}: use auto, bf16, fp16 or fp32.")

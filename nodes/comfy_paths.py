@@ -1,4 +1,12 @@
-"""Where model files live: ComfyUI's model folders, and nothing outside them."""
+"""Where model files live: ComfyUI's model folders.
+
+Policy (the README says the same): a file is chosen by its name *relative to* one of ComfyUI's
+model folders for its kind (no absolute paths, no ".."). Symbolic links inside those folders are
+followed, as ComfyUI itself does, because users keep models on other disks; what makes a file
+usable is its content: every file is parsed as safetensors first and refused after its header
+if it is not one, so a link to a non-model file is never read further. Messages name files
+relative to their model folder, never by the server's absolute paths (they reach API clients).
+"""
 
 from __future__ import annotations
 
@@ -45,18 +53,25 @@ def folder_roots(folder: str) -> list[str]:
     return list(folder_paths.get_folder_paths(folder))
 
 
+def _searched(folder: str) -> str:
+    n = len(folder_roots(folder))
+    return f"{n} folder{'s' if n != 1 else ''} searched, including extra_model_paths.yaml entries"
+
+
 def resolve_file(folder: str, name: str) -> Path:
     """The full path of `name` inside one of the `folder` model folders; a clear error otherwise."""
     label = folder.replace("_", " ")
     if not name or name == NONE_FOUND:
-        raise ModelFileError(f"no {label} file selected: put one in {', '.join(folder_roots(folder))}.")
+        raise ModelFileError(f"no {label} file selected: put one in ComfyUI's models/{folder} folder and press R.")
     if os.path.isabs(name) or ".." in Path(name).parts:
         raise ModelFileError(f"{name}: only files inside ComfyUI's models/{folder} folders can be used.")
     for root in folder_roots(folder):
         candidate = os.path.normpath(os.path.join(root, name))
         if _within(root, candidate) and os.path.isfile(candidate):
             return Path(candidate)
-    raise ModelFileError(f"{name} was not found in models/{folder} (searched: {', '.join(folder_roots(folder))}).")
+    raise ModelFileError(
+        f"{name} was not found in models/{folder} ({_searched(folder)}): put the file there and press R to refresh."
+    )
 
 
 def resolve_diffusers_folder(choice: str) -> Path:
@@ -67,7 +82,7 @@ def resolve_diffusers_folder(choice: str) -> Path:
         candidate = os.path.join(root, name)
         if os.path.isfile(os.path.join(candidate, "model_index.json")):
             return Path(candidate)
-    raise ModelFileError(f"diffusers folder {name} was not found in {', '.join(folder_roots('diffusers'))}.")
+    raise ModelFileError(f"diffusers folder {name} was not found in models/diffusers ({_searched('diffusers')}).")
 
 
 def qwen_tokenizer_dir() -> Path:

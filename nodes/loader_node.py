@@ -73,10 +73,14 @@ class ZImageTurboLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model=None, text_encoder=None, vae=None):
-        # Runs when the prompt is queued: a missing file is reported before anything loads.
+    def VALIDATE_INPUTS(cls, model=None):
+        # Runs when the prompt is queued: a missing model is reported before anything loads. Only
+        # `model` is checked here (it may be a diffusers folder, which ComfyUI's list check does not
+        # know): ComfyUI files every message of this function under each input it names, and skips
+        # its own list check for them. text_encoder and vae keep ComfyUI's list check, so a missing
+        # VAE is reported once, under "vae".
         try:
-            _source(model, text_encoder, vae)
+            _model_source_name(model)
         except ZImageError as exc:
             return str(exc)
         return True
@@ -87,6 +91,12 @@ class ZImageTurboLoader:
         handle = PipeHandle(source, dev, resolve_dtype(dtype, dev), memory, compile)
         handle.get()  # preload now, so the load shows up on this node and the sampler starts warm
         return (handle,)
+
+
+def _model_source_name(model):
+    if model and model.startswith(comfy_paths.DIFFUSERS_PREFIX):
+        return comfy_paths.resolve_diffusers_folder(model)
+    return comfy_paths.resolve_file("diffusion_models", model)
 
 
 def _source(model, text_encoder, vae):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ..engine.errors import ZImageError
-from ..engine.lora import LoraSpec
+from ..engine.errors import InvalidSettingError, ZImageError
+from ..engine.lora import LoraSpec, check_strength, combine_stack
 from . import comfy_paths
 from .loader_node import CATEGORY
 from .pipe_handle import LORA_STACK_TYPE
@@ -14,7 +14,11 @@ EXAMPLE = '[{"lora": "sugar_face.safetensors", "strength": 0.8, "on": true}]'
 
 
 def parse_rows(text: str) -> list[dict]:
-    """The node's `loras` value: a JSON list of {"lora": file, "strength": number, "on": bool}."""
+    """The node's `loras` value: a JSON list of {"lora": file, "strength": number, "on": bool}.
+
+    Rows that are not what this schema says are refused with a message, never guessed: a string
+    "false" is not a switch, NaN is not a strength.
+    """
     try:
         rows = json.loads(text or "[]")
     except json.JSONDecodeError as exc:
@@ -23,12 +27,24 @@ def parse_rows(text: str) -> list[dict]:
         raise ZImageError(f"loras must be a JSON list like {EXAMPLE}.")
     out = []
     for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not isinstance(row.get("lora"), str):
+        if not isinstance(row, dict) or not isinstance(row.get("lora"), str) or not row["lora"]:
             raise ZImageError(f"LoRA row {i} needs a \"lora\" file name, like {EXAMPLE}.")
+        unknown = sorted(set(row) - {"lora", "strength", "on"})
+        if unknown:
+            raise ZImageError(f"LoRA row {i} ({row['lora']}): unknown field(s) {', '.join(unknown)}; a row has "
+                              "\"lora\", \"strength\" and \"on\".")
+        on = row.get("on", True)
+        if not isinstance(on, bool):
+            raise ZImageError(f"LoRA row {i} ({row['lora']}): \"on\" must be true or false (JSON booleans, not "
+                              f"{json.dumps(on)}).")
         strength = row.get("strength", 1.0)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)):
             raise ZImageError(f"LoRA row {i} ({row['lora']}): strength must be a number.")
-        out.append({"lora": row["lora"], "strength": float(strength), "on": bool(row.get("on", True))})
+        try:
+            strength = check_strength(float(strength))
+        except (InvalidSettingError, OverflowError) as exc:
+            raise ZImageError(f"LoRA row {i} ({row['lora']}): {exc}") from None
+        out.append({"lora": row["lora"], "strength": strength, "on": on})
     return out
 
 
@@ -75,11 +91,12 @@ class ZImageTurboLoraStack:
         if loras is None:
             return True
         try:
-            resolve_rows(parse_rows(loras))
+            combine_stack((), resolve_rows(parse_rows(loras)))
         except ZImageError as exc:
             return str(exc)
         return True
 
     def stack(self, loras, lora_stack=None):
         specs = resolve_rows(parse_rows(loras))
-        return (tuple(lora_stack or ()) + tuple(specs),)
+        # A LoRA that is on twice (here or in a chained stack) is refused, not silently added up.
+        return (combine_stack(lora_stack or (), specs),)

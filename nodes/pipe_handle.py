@@ -29,6 +29,11 @@ class PipeHandle:
     compile_mode: str = "auto"
     last_report: RunReport | None = field(default=None, repr=False)
 
+    def __repr__(self) -> str:
+        # ComfyUI shows str() of node inputs in its error reports to API clients: file names only.
+        return (f"ZImageTurboPipe({self.source.describe()}, {self.device}, {str(self.dtype).replace('torch.', '')}, "
+                f"{self.memory}, compile={self.compile_mode})")
+
     def get(self) -> TurboPipeline:
         pipe = get_pipeline(self.source, self.device, self.dtype, self.memory, self.compile_mode)
         comfy_runtime.register_with_model_manager(pipe)

@@ -63,7 +63,12 @@ function parseRows(text) {
         if (typeof strength !== "number") {
             return { rows, error: `Row ${i + 1} (${item.lora}): strength is not a number.` };
         }
-        rows.push({ lora: item.lora, strength, on: item.on === undefined ? true : Boolean(item.on) });
+        const on = item.on === undefined ? true : item.on;
+        if (typeof on !== "boolean") {
+            // The backend refuses it too: a string "false" must never switch a LoRA on.
+            return { rows, error: `Row ${i + 1} (${item.lora}): "on" must be true or false.` };
+        }
+        rows.push({ lora: item.lora, strength, on });
     }
     return { rows, error: null };
 }
