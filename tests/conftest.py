@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -79,6 +80,18 @@ def comfy(tiny, tmp_path_factory):
     # Bad files for the error paths.
     torch.save({"w": torch.zeros(2)}, models / "diffusion_models" / "pickled_model.ckpt")
     (models / "diffusion_models" / "corrupt.safetensors").write_bytes(built.transformer_file.read_bytes()[:5000])
+    loras = models / "loras"
+    sd = load_file(str(tiny["loras"]["diffusers"][0]))
+    save_file({k: torch.full_like(v, float("nan")) if "lora_B" in k else v for k, v in sd.items()},
+              str(loras / "nan_weights.safetensors"))
+    save_file({k: torch.full_like(v, 1e30) if "lora_B" in k else v for k, v in sd.items()},
+              str(loras / "huge_weights.safetensors"))
+    # Links: one to a text file outside the model folders, one to a real LoRA kept on "another disk".
+    (loras / "passwd_link.safetensors").symlink_to("/etc/passwd")
+    elsewhere = base / "other_disk"
+    elsewhere.mkdir()
+    shutil.copy(tiny["loras"]["kohya_fused"][0], elsewhere / "kept_elsewhere.safetensors")
+    (loras / "linked_style.safetensors").symlink_to(elsewhere / "kept_elsewhere.safetensors")
     broken = models / "diffusers" / "broken_folder"
     shutil.copytree(built.diffusers_dir, broken)
     for f in (broken / "transformer").glob("*.safetensors"):

@@ -113,16 +113,36 @@ BAD_EXECUTIONS = [
     ("corrupt", dict(model="corrupt.safetensors"), "corrupt or truncated"),
     ("missing weights", dict(model="[diffusers] broken_folder"), "no .safetensors weights found for the transformer"),
     ("foreign lora", dict(loras=[{"lora": "sdxl_style.safetensors", "strength": 1.0, "on": True}]), "fit no layer"),
+    ("lora file holding NaN", dict(loras=[{"lora": "nan_weights.safetensors", "strength": 1.0, "on": True}]),
+     "hold NaN or infinite values"),
+    ("lora that overflows the model", dict(loras=[{"lora": "huge_weights.safetensors", "strength": 1.0, "on": True}]),
+     "so no image is returned (it would be black)"),
+    ("link to a text file", dict(loras=[{"lora": "passwd_link.safetensors", "strength": 1.0, "on": True}]),
+     "passwd_link.safetensors"),
+    ("NaN shift", dict(shift=float("nan")), "shift nan"),
 ]
 
 
 @pytest.mark.parametrize("kwargs,message", [b[1:] for b in BAD_EXECUTIONS], ids=[b[0] for b in BAD_EXECUTIONS])
 def test_bad_input_is_an_execution_error_and_the_server_goes_on(comfy, kwargs, message):
-    res = comfy.client.run(api_prompt(seed=11, **kwargs), timeout=300)
+    shift = kwargs.pop("shift", None)
+    graph = api_prompt(seed=11, **kwargs)
+    if shift is not None:
+        graph["3"]["inputs"]["shift"] = shift  # sent as the JSON token NaN, which ComfyUI's parser accepts
+    saved = image_count(comfy)
+    res = comfy.client.run(graph, timeout=300)
     assert res.status == "error"
     assert message in res.error["exception_message"]
+    assert image_count(comfy) == saved  # no image, black or other, was saved
     assert res.error["node_type"] in {"ZImageTurboLoader", "ZImageTurboSampler"}
+    # What reaches the API client names files relative to their model folder, never by server path.
+    shown = json.dumps({k: res.error.get(k) for k in ("exception_message", "current_inputs", "current_outputs")})
+    assert str(comfy.base_dir) not in shown and "/tmp/" not in shown
     ok(comfy, api_prompt(seed=12))
+
+
+def image_count(comfy) -> int:
+    return len(list((comfy.base_dir / "output").glob("*.png")))
 
 
 BAD_VALIDATIONS = [
@@ -130,6 +150,16 @@ BAD_VALIDATIONS = [
      "not_there.safetensors was not found in models/loras", "2"),
     ("missing model", dict(model="nope.safetensors"), "nope.safetensors was not found in models/diffusion_models", "1"),
     ("bad lora json", dict(loras="oops"), "loras must be a JSON list", "2"),
+    ("on as a string", dict(loras=[{"lora": "tiny_diffusers.safetensors", "strength": 1.0, "on": "false"}]),
+     '\\"on\\" must be true or false', "2"),
+    ("NaN strength", dict(loras=[{"lora": "tiny_diffusers.safetensors", "strength": float("nan"), "on": True}]),
+     "strength nan is not a finite number", "2"),
+    ("infinite strength", dict(loras=[{"lora": "tiny_diffusers.safetensors", "strength": float("inf"), "on": True}]),
+     "strength inf is not a finite number", "2"),
+    ("huge strength", dict(loras=[{"lora": "tiny_diffusers.safetensors", "strength": 1e30, "on": True}]),
+     "strength 1e+30 is outside", "2"),
+    ("same lora twice", dict(loras=[{"lora": "tiny_diffusers.safetensors", "strength": 0.8, "on": True}] * 200),
+     "switched on twice", "2"),
 ]
 
 
@@ -142,7 +172,24 @@ def test_missing_files_are_reported_when_queued(comfy, kwargs, message, node):
     assert status == 400
     details = json.dumps(body["node_errors"][node])
     assert message in details
+    assert str(comfy.base_dir) not in json.dumps(body)
     ok(comfy, api_prompt(seed=14))
+
+
+def test_a_missing_vae_is_reported_once_under_vae(comfy):
+    graph = api_prompt(seed=15)
+    graph["1"]["inputs"]["vae"] = "no_such_vae.safetensors"
+    status, body = comfy.client.queue(graph, "validation-test")
+    assert status == 400
+    errors = body["node_errors"]["1"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["vae"]
+    assert "no_such_vae.safetensors" in errors[0]["details"]
+
+
+def test_a_lora_linked_from_another_disk_is_used(comfy):
+    linked = ok(comfy, api_prompt(seed=16, loras=[{"lora": "linked_style.safetensors", "strength": 0.8, "on": True}]))
+    direct = ok(comfy, api_prompt(seed=16, loras=[{"lora": "tiny_kohya_fused.safetensors", "strength": 0.8, "on": True}]))
+    assert np.array_equal(image_of(comfy, linked), image_of(comfy, direct))
 
 
 def test_comfy_cli_runs_the_prompt(comfy, tmp_path):

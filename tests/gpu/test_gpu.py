@@ -134,3 +134,53 @@ def test_true_size_memory_budgets(fresh_engine, cuda0, memory, budget_gib):
     device_stats.reset_peak(cuda0)
     rep = pipe.generate(GenerationRequest("another prompt, 新的提示", width=1024, height=1024, seed=2)).report
     assert rep.torch_memory["peak_allocated_bytes"] / GIB <= budget_gib
+
+
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (nvidia-h200-x2)")
+
+
+@TWO_GPUS
+def test_pinned_to_the_second_gpu_every_cuda_call_names_it(tiny, fresh_engine, monkeypatch):
+    """A pipeline on cuda:1 in a process whose current device is 0 (ComfyUI's default)."""
+    cuda1 = torch.device("cuda:1")
+    torch.cuda.set_device(0)
+    recorded = []
+    real_record = torch.cuda.Event.record
+
+    def spy(self, stream=None):
+        recorded.append((stream or torch.cuda.current_stream()).device)
+        return real_record(self, stream)
+
+    monkeypatch.setattr(torch.cuda.Event, "record", spy)
+    pipe = get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), cuda1, torch.bfloat16, "resident", "off")
+    rep = pipe.generate(REQ).report
+    assert [n for n, t in all_tensors(pipe) if t.device != cuda1] == []
+    assert recorded and set(recorded) == {cuda1}  # every step event on the pipeline's own GPU
+    assert torch.cuda.current_device() == 0  # ComfyUI's current device is left as it was
+    assert rep.device == "cuda:1" and rep.nvml_during["available"]
+    assert torch.cuda.get_device_name(cuda1).split()[-1] in rep.nvml_during["name"]
+
+
+@TWO_GPUS
+@pytest.mark.skipif(not FULL, reason="set ZIMAGE_FULL_ROOT to the true-size model folder (bench/build_model.py)")
+def test_true_size_step_times_on_the_second_gpu_match_the_first(fresh_engine):
+    """The issue seen on two H200s: on cuda:1 step 0 read 90 ms where it takes 143 ms."""
+    root = Path(FULL)
+    src = SplitFiles(root / "diffusion_models" / "z_image_turbo_bf16.safetensors",
+                     root / "text_encoders" / "qwen_3_4b.safetensors", root / "vae" / "ae.safetensors",
+                     root / "qwen_tokenizer")
+    big = GenerationRequest("a lighthouse at dusk, 灯塔", width=1024, height=1024, seed=1)
+    torch.cuda.set_device(0)
+    steps = {}
+    for dev in ("cuda:0", "cuda:1"):
+        pipe = get_pipeline(src, torch.device(dev), torch.bfloat16, "resident", "off")
+        pipe.generate(big)
+        rep = pipe.generate(big).report
+        steps[dev] = rep.step_s
+        # The events bracket the real work: the steps add up to the wall time of the denoise loop.
+        assert sum(rep.step_s) == pytest.approx(rep.denoise_s, rel=0.1)
+        from engine import pipeline as engine_pipeline
+
+        engine_pipeline.release_all()
+    for a, b in zip(steps["cuda:0"], steps["cuda:1"]):
+        assert b == pytest.approx(a, rel=0.15)
