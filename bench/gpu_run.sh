@@ -4,6 +4,8 @@
 # wheel, builds the true-size random model, then runs what is asked:
 #   bench/gpu_run.sh tests     GPU test suite (pytest -m gpu), tiny + true-size budgets
 #   bench/gpu_run.sh bench [run_bench.py args...]
+#   bench/gpu_run.sh check     python -m engine check on the true-size files (header only)
+#   bench/gpu_run.sh soak:ARGS bench/soak.py --root <model> ARGS (commas for spaces), results to $OUT
 # Results and logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +47,14 @@ for what in "$@"; do
         tests)
             ZIMAGE_FULL_ROOT=$ROOT python3 -m pytest tests/gpu -m gpu -p no:cacheprovider -q -rA 2>&1 \
                 | tee $OUT/gpu_tests.log | grep -E "passed|failed|PASSED|FAILED|ERROR|Error" | tail -25
+            ;;
+        check)
+            python3 -m engine check $ROOT/diffusion_models/*.safetensors $ROOT/text_encoders/*.safetensors \
+                $ROOT/vae/*.safetensors $ROOT/loras/*.safetensors 2>&1 | tee $OUT/check.log
+            ;;
+        soak:*)
+            args=${what#soak:}
+            python3 bench/soak.py --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/soak.log | tail -40
             ;;
         bench:*)
             args=${what#bench:}
