@@ -37,7 +37,7 @@ class ComfyError(RuntimeError):
 @dataclass
 class PromptResult:
     prompt_id: str
-    status: str  # "success" | "error" | "interrupted"
+    status: str  # "success" | "error" | "interrupted"; a ClientSession adds "rejected" | "timeout" | "disconnected"
     messages: list = field(default_factory=list)
     error: dict | None = None
     history: dict | None = None
@@ -46,6 +46,18 @@ class PromptResult:
 
     def outputs(self) -> dict:
         return (self.history or {}).get("outputs", {})
+
+    def cached_nodes(self) -> list:
+        """The node ids ComfyUI served from its cache for this prompt (its execution_cached message)."""
+        for msg in self.messages:
+            if msg.get("type") == "execution_cached":
+                return list(msg.get("data", {}).get("nodes", []))
+        return []
+
+    def executed_nodes(self) -> list:
+        """The node ids that really ran (an `executing` message named them)."""
+        return [m["data"]["node"] for m in self.messages
+                if m.get("type") == "executing" and m.get("data", {}).get("node") is not None]
 
 
 class ComfyClient:
@@ -95,6 +107,10 @@ class ComfyClient:
         q = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type_})
         return self.get(f"/view?{q}")[1]
 
+    def session(self, client_id: str | None = None, connect_timeout: float = 30) -> "ClientSession":
+        """A client with its own client id and one websocket kept open for many prompts."""
+        return ClientSession(self, client_id or uuid.uuid4().hex, connect_timeout)
+
     # ---- queue and wait on the websocket
     def run(self, prompt: dict, timeout: float = 600) -> PromptResult:
         """Queue `prompt` and follow it on the websocket until it succeeds, fails or is interrupted."""
@@ -142,11 +158,112 @@ class ComfyClient:
         return result
 
 
+class ClientSession:
+    """One client id with one websocket, for many prompts in a row (ComfyClient.run opens one per prompt).
+
+    Never raises for what the server answers: a prompt refused by POST /prompt comes back with status
+    "rejected" (error = the response body), a prompt that does not finish in time as "timeout", a dropped
+    connection or a server that went away as "disconnected" (the session is then closed; open a new one).
+    `on_message(result, msg)` is called for each websocket message of the prompt (e.g. to post /interrupt
+    once it makes progress).
+    """
+
+    def __init__(self, client: ComfyClient, client_id: str, connect_timeout: float = 30):
+        import websocket  # websocket-client
+
+        self.client = client
+        self.client_id = client_id
+        self.ws = websocket.create_connection(f"{client.ws_url}?clientId={client_id}", timeout=connect_timeout)
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.ws.close()
+            except Exception:  # already gone
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def run(self, prompt: dict, timeout: float = 600, on_message=None) -> PromptResult:
+        import websocket
+
+        t0 = time.perf_counter()
+        result = PromptResult("", "pending")
+        if self.closed:
+            result.status, result.error = "disconnected", {"reason": "session closed"}
+            return result
+        try:
+            status, body = self.client.queue(prompt, self.client_id)
+        except OSError as exc:
+            result.status, result.error = "disconnected", {"reason": f"POST /prompt failed: {exc!r}"}
+            self.close()
+            return result
+        if status != 200 or not isinstance(body, dict) or "prompt_id" not in body:
+            result.status, result.error = "rejected", {"http_status": status, "body": body}
+            result.seconds = time.perf_counter() - t0
+            return result
+        pid = result.prompt_id = body["prompt_id"]
+        deadline = t0 + timeout
+        try:
+            while True:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    result.status = "timeout"
+                    break
+                self.ws.settimeout(min(left, 5.0))
+                try:
+                    raw = self.ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    continue
+                if isinstance(raw, bytes):
+                    continue  # previews
+                msg = json.loads(raw)
+                data = msg.get("data") or {}
+                if data.get("prompt_id") != pid:
+                    continue  # status broadcasts, an earlier prompt of this client
+                result.messages.append(msg)
+                kind = msg.get("type")
+                if kind == "progress" and result.first_progress_s is None:
+                    result.first_progress_s = time.perf_counter() - t0
+                if on_message is not None:
+                    on_message(result, msg)
+                if kind == "execution_error":
+                    result.status, result.error = "error", data
+                    break
+                if kind == "execution_interrupted":
+                    result.status = "interrupted"
+                    break
+                if kind == "execution_success" or (kind == "executing" and data.get("node") is None):
+                    result.status = "success"
+                    break
+        except (OSError, websocket.WebSocketException) as exc:
+            result.status, result.error = "disconnected", {"reason": f"websocket: {exc!r}"}
+            self.close()
+        result.seconds = time.perf_counter() - t0
+        if result.status in ("success", "error", "interrupted"):
+            for _ in range(100):  # history is written just after the last message
+                try:
+                    result.history = self.client.history(pid)
+                except OSError:
+                    break
+                if result.history:
+                    break
+                time.sleep(0.05)
+        return result
+
+
 class ComfyServer:
     """Starts `main.py --cpu` (or on the GPU) with a base directory of our own; stops it on exit."""
 
     def __init__(self, base_dir: Path, port: int | None = None, cpu: bool = True, extra_args=(), log_path: Path | None = None,
-                 python: str = sys.executable, comfy_dir: Path = COMFY_DIR, link_pack: bool = True):
+                 python: str = sys.executable, comfy_dir: Path = COMFY_DIR, link_pack: bool = True,
+                 env: dict | None = None):
         self.base_dir = Path(base_dir)
         self.port = port or free_port()
         self.cpu = cpu
@@ -155,6 +272,7 @@ class ComfyServer:
         self.python = python
         self.comfy_dir = Path(comfy_dir)
         self.link_pack = link_pack
+        self.env = dict(env or {})  # extra environment variables of the server process
         self.proc: subprocess.Popen | None = None
         self.client = ComfyClient("127.0.0.1", self.port)
 
@@ -176,7 +294,7 @@ class ComfyServer:
             args.append("--cpu")
         args += self.extra_args
         self.log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(args, cwd=self.comfy_dir, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         deadline = time.time() + timeout
@@ -188,6 +306,23 @@ class ComfyServer:
             time.sleep(0.5)
         self.stop()
         raise ComfyError(f"ComfyUI did not answer within {timeout}s; log:\n{self.log_text()[-4000:]}")
+
+    def running(self) -> bool:
+        """The server process exists and has not exited."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def rss_bytes(self) -> int | None:
+        """Resident set size of the server process (Linux /proc), None when it is gone or unknown."""
+        if not self.running():
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
 
     def log_text(self) -> str:
         try:
@@ -211,6 +346,20 @@ class ComfyServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def front_end_args(folder: Path, python: str = sys.executable) -> list[str]:
+    """ComfyUI arguments for a machine without ComfyUI's front-end package (e.g. a bare GPU machine).
+
+    ComfyUI 0.3.75 exits when `comfyui_frontend_package` cannot be imported, unless --front-end-root names a
+    folder: then serve `folder` holding an empty index.html. Returns [] when the package is there."""
+    probe = subprocess.run([python, "-c", "import comfyui_frontend_package"], capture_output=True)
+    if probe.returncode == 0:
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.html").write_text("")
+    return ["--front-end-root", str(folder)]
 
 
 def place_tiny_model(models_dir: Path, built, lora_files=()) -> dict:
