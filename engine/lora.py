@@ -388,11 +388,12 @@ class LoraManager:
             self._build_slots(max(len(wanted), len(self.slot_files)), rank)
             report.slots_rebuilt = True
 
-        # Canonical placement: the k active files, ordered by file identity, sit in slots 0..k-1.
+        # Canonical placement: the k active files, ordered by (file name, size), sit in slots 0..k-1.
         # PEFT sums the adapters' outputs in slot order, so the same stack gives the same bits
-        # whatever ran before it, and a compiled model only ever sees the slot lists [slot0..k-1].
-        # A file that has to move is copied again from its host copy (as fast as a switch).
-        order = sorted(wanted)
+        # whatever ran before it (and on a copy of the files elsewhere: the order uses no path or
+        # mtime), and a compiled model only ever sees the slot lists [slot0..k-1]. A file that has
+        # to move is copied again from its host copy (as fast as a switch).
+        order = sorted(wanted, key=lambda n: (parsed_by_name[n].path.name, parsed_by_name[n].file_id.size, n))
         slot_of = {}
         for slot, name in enumerate(order):
             if self.slot_files[slot] != name:

@@ -92,3 +92,29 @@ def test_lora_spec_shows_no_server_path(tiny):
     path = tiny["loras"]["diffusers"][0]
     text = str((LoraSpec(path, 0.8),))
     assert path.name in text and str(path.parent) not in text
+
+
+def test_stack_order_does_not_depend_on_where_the_files_sit_or_their_mtime(tiny, tmp_path, pipe):
+    import hashlib
+    import shutil
+
+    from engine.loading import FileId
+
+    def adapter_name(path):  # what the cache keys a file by: path, size and mtime
+        return hashlib.sha1(repr(FileId.of(path)).encode()).hexdigest()
+
+    a, b = (tiny["loras"][f][0] for f in ("diffusers", "kohya_split"))
+    here = pipe.generate(REQ, [LoraSpec(a, 0.6), LoraSpec(b, -0.4)]).images
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    copies = [folder / a.name, folder / b.name]
+    for src, dst in zip((a, b), copies):
+        shutil.copy(src, dst)
+    # Pick mtimes for the copies that put their cache identities in the opposite order.
+    for t in range(1, 200):
+        os.utime(copies[0], ns=(t * 10**15, t * 10**15))
+        if (adapter_name(copies[0]) < adapter_name(copies[1])) != (adapter_name(a) < adapter_name(b)):
+            break
+    else:
+        pytest.fail("no mtime flipped the order")
+    assert torch.equal(pipe.generate(REQ, [LoraSpec(copies[1], -0.4), LoraSpec(copies[0], 0.6)]).images, here)
