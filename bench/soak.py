@@ -811,7 +811,7 @@ class SoakRun:
                         job.reference = {"status": "not_run (deadline)"}
                         continue
                     res = session.run(job.graph, timeout=self.cfg.prompt_timeout_s)
-                    ref = {"status": res.status, "prompt_id": res.prompt_id}
+                    ref = {"status": res.status, "prompt_id": res.prompt_id, "seconds": round(res.seconds, 3)}
                     if res.status == "success":
                         got = fetch_image(holder.client, holder.output_dir, res.outputs())
                         if got is None:
@@ -971,6 +971,9 @@ def job_record(j: Job) -> dict:
     rec.update({"case": j.case or None, "interrupt": j.interrupt, "summary": j.summary, "attempts": j.attempts,
                 "message": j.message or None, "image_hash": j.image_hash, "exec_start_ms": j.exec_start_ms,
                 "lora_active": j.probe.get("lora"), "reference": {k: v for k, v in j.reference.items() if k != "file"}})
+    steps = j.probe.get("step_s") or []
+    if steps:  # the generation's own denoise step times (probe), to compare runs at equal sizes
+        rec["step_ms_median"] = round(1000 * sorted(steps)[len(steps) // 2], 2)
     return rec
 
 
