@@ -62,30 +62,15 @@ def set_vae(vae: nn.Module, on: bool) -> None:
 
 
 def tracing_context():
-    """Settings for the traces and kernels our modules make (they happen lazily, inside generate()).
+    """Settings for the traces our modules make (they happen lazily, inside generate()).
 
-    * Without `use_duck_shape=False`, dynamo's "duck sizing" assumes dimensions that were equal
-      at the first trace stay equal: after a square image, the first non-square one recompiles
-      the VAE decoder.
-    * Inductor's `deterministic` mode: by default inductor picks among several reduction kernel
-      configs by timing them when a kernel first runs, and configs sum in different orders. The
-      pick changes from one server process to the next, so the same prompt and seed gave images
-      differing by up to 7/255 after a restart (seen in the GPU soak run). With one fixed config
-      the same inputs give the same bits in every process.
+    Without this, dynamo's "duck sizing" assumes dimensions that were equal at the first trace
+    stay equal: after a square image, the first non-square one recompiles the VAE decoder.
     Scoped to our calls, so other compiled models in the process keep their own settings.
     """
-    stack = contextlib.ExitStack()
     try:
         from torch.fx.experimental import _config as fx_config
 
-        stack.enter_context(fx_config.patch(use_duck_shape=False))
+        return fx_config.patch(use_duck_shape=False)
     except (ImportError, AttributeError):
-        pass
-    try:
-        import torch._inductor.config as inductor_config
-
-        if hasattr(inductor_config, "deterministic"):
-            stack.enter_context(inductor_config.patch(deterministic=True))
-    except ImportError:
-        pass
-    return stack
+        return contextlib.nullcontext()
