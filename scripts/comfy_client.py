@@ -60,6 +60,27 @@ class PromptResult:
                 if m.get("type") == "executing" and m.get("data", {}).get("node") is not None]
 
 
+def follow(result: PromptResult, msg: dict, t0: float, on_message=None) -> bool:
+    """Record one websocket message of `result`'s prompt; True once the prompt has ended."""
+    data = msg.get("data") or {}
+    result.messages.append(msg)
+    kind = msg.get("type")
+    if kind == "progress" and result.first_progress_s is None:
+        result.first_progress_s = time.perf_counter() - t0
+    if on_message is not None:
+        on_message(result, msg)
+    if kind == "execution_error":
+        result.status, result.error = "error", data
+        return True
+    if kind == "execution_interrupted":
+        result.status = "interrupted"
+        return True
+    if kind == "execution_success" or (kind == "executing" and data.get("node") is None):
+        result.status = "success"
+        return True
+    return False
+
+
 class ComfyClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 8188):
         self.base = f"http://{host}:{port}"
@@ -133,19 +154,9 @@ class ComfyClient:
                 data = msg.get("data", {})
                 if data.get("prompt_id") not in (None, pid):
                     continue
-                result.messages.append(msg)
-                kind = msg.get("type")
-                if kind == "progress" and result.first_progress_s is None:
-                    result.first_progress_s = time.perf_counter() - t0
-                if kind == "execution_error":
-                    result.status, result.error = "error", data
-                    break
-                if kind == "execution_interrupted":
-                    result.status = "interrupted"
-                    break
-                if kind == "execution_success" or (kind == "executing" and data.get("node") is None
-                                                   and data.get("prompt_id") == pid):
-                    result.status = "success"
+                if data.get("prompt_id") is None and msg.get("type") == "executing":
+                    continue  # an idle "executing" broadcast of no prompt is not this prompt's end
+                if follow(result, msg, t0):
                     break
             result.seconds = time.perf_counter() - t0
         finally:
@@ -227,20 +238,7 @@ class ClientSession:
                 data = msg.get("data") or {}
                 if data.get("prompt_id") != pid:
                     continue  # status broadcasts, an earlier prompt of this client
-                result.messages.append(msg)
-                kind = msg.get("type")
-                if kind == "progress" and result.first_progress_s is None:
-                    result.first_progress_s = time.perf_counter() - t0
-                if on_message is not None:
-                    on_message(result, msg)
-                if kind == "execution_error":
-                    result.status, result.error = "error", data
-                    break
-                if kind == "execution_interrupted":
-                    result.status = "interrupted"
-                    break
-                if kind == "execution_success" or (kind == "executing" and data.get("node") is None):
-                    result.status = "success"
+                if follow(result, msg, t0, on_message):
                     break
         except (OSError, websocket.WebSocketException) as exc:
             result.status, result.error = "disconnected", {"reason": f"websocket: {exc!r}"}
