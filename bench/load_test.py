@@ -78,7 +78,7 @@ def default_graph(model: str = REAL_MODEL_FILES["model"], text_encoder: str = RE
         "2": {"class_type": SAMPLER, "inputs": {
             "pipe": ["1", 0], "prompt": prompt, "negative_prompt": "", "width": width, "height": height,
             "steps": steps, "cfg": 0.0, "shift": 3.0, "seed": 0, "batch_size": batch_size}},
-        "3": {"class_type": PROBE, "inputs": {"pipe": ["1", 0], "images": ["2", 0]}},
+        "3": {"class_type": PROBE, "inputs": {"images": ["2", 0], "report": ["2", 2]}},
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "load_test"}},
     }
 

@@ -217,7 +217,7 @@ def build_graph(setup: ModelSetup, cfg: SoakConfig, *, rows: list, seed: int, wi
             "pipe": [LOADER, 0], "lora_stack": [STACK, 0], "prompt": prompt, "negative_prompt": "", "width": width,
             "height": height, "steps": cfg.steps if steps is None else steps, "cfg": 0.0, "shift": shift,
             "seed": seed, "batch_size": 1}},
-        PROBE: {"class_type": "ZImageTurboProbe", "inputs": {"pipe": [LOADER, 0], "images": [SAMPLER, 0]}},
+        PROBE: {"class_type": "ZImageTurboProbe", "inputs": {"images": [SAMPLER, 0], "report": [SAMPLER, 2]}},
         SAVE: {"class_type": "SaveImage", "inputs": {"images": [PROBE, 0], "filename_prefix": prefix}},
     }
     if split is not None:

@@ -215,14 +215,29 @@ class TurboPipeline:
         loras: list[LoraSpec] = (),
         on_step: Callable[[int, int], None] | None = None,
         check_interrupt: Callable[[], None] | None = None,
+        memory: str | None = None,
+        compile_mode: str | None = None,
     ) -> GenerationResult:
+        """Generate with these settings; `memory` / `compile_mode` default to the pipeline's current ones.
+
+        Callers that share one pipeline (two loaders of the same files) pass their own settings,
+        so what each caller gets is fixed by its own inputs, not by whoever asked last.
+        """
         req.validate()
+        if memory is not None and memory not in MEMORY_MODES:
+            raise InvalidSettingError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}.")
+        if compile_mode is not None:
+            acceleration.wants_compile(compile_mode, self.device.type)  # rejects a bad value
         # Inference mode for everything, LoRA slot updates included: tensors made inside it (as
         # ComfyUI runs nodes) may only be changed inside it. The pipeline's device is made the
         # current one, so every CUDA call (events, streams, sync, memory stats) names it even in a
         # process whose current device is another GPU (ComfyUI's default is cuda:0).
         with self.lock, torch.inference_mode(), acceleration.tracing_context(), device_stats.current_device(self.device):
             try:
+                if memory is not None:
+                    self.memory = memory
+                if compile_mode is not None:
+                    self.compile_mode = compile_mode
                 return self._generate(req, list(loras), on_step, check_interrupt)
             except torch.OutOfMemoryError:
                 self._after_oom()
@@ -370,7 +385,11 @@ _PIPELINES: dict[tuple, TurboPipeline] = {}
 
 def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, memory: str = "resident",
                  compile_mode: str = "auto") -> TurboPipeline:
-    """The cached pipeline for these files/dtype/device (loading what is missing)."""
+    """The cached pipeline for these files/dtype/device (loading what is missing).
+
+    `memory` and `compile_mode` become its defaults for generate() calls that name none; callers
+    sharing the pipeline (the nodes) pass their own to generate().
+    """
     if memory not in MEMORY_MODES:
         raise InvalidSettingError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}.")
     with _REGISTRY_LOCK:

@@ -7,17 +7,18 @@ pipeline (loading it again if it was released) each time a node needs it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..engine.loading import ModelSource
 from ..engine.pipeline import TurboPipeline, get_pipeline
-from ..engine.report import RunReport
 from . import comfy_runtime
 
 PIPE_TYPE = "ZIMAGE_TURBO_PIPE"
 LORA_STACK_TYPE = "ZIMAGE_LORA_STACK"
+# What one generation cost, from the sampler that made the images to the probe beside them.
+REPORT_TYPE = "ZIMAGE_TURBO_REPORT"
 
 
 @dataclass(eq=False)
@@ -27,7 +28,6 @@ class PipeHandle:
     dtype: torch.dtype
     memory: str
     compile_mode: str = "auto"
-    last_report: RunReport | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         # ComfyUI shows str() of node inputs in its error reports to API clients: file names only.

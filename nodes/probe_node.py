@@ -8,12 +8,13 @@ import torch
 
 from ..engine import device_stats
 from .loader_node import CATEGORY
-from .pipe_handle import PIPE_TYPE
+from .pipe_handle import PIPE_TYPE, REPORT_TYPE
 
 
 class ZImageTurboProbe:
     DESCRIPTION = (
-        "Passes the images through and reports the last generation on this pipeline: seconds per phase (load, "
+        "Passes the images through and reports the generation that made them (connect the sampler's report): "
+        "seconds per phase (load, "
         "LoRA apply, text encode, denoise and per step, VAE decode, total), torch's peak and current memory, and "
         "NVML memory / utilization / temperature of that very GPU (on CPU: process RSS). Measured with "
         "synchronised timers, not estimated."
@@ -34,19 +35,31 @@ class ZImageTurboProbe:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "pipe": (PIPE_TYPE, {"tooltip": "The pipeline whose last generation is reported."}),
                 "images": ("IMAGE", {"tooltip": "Images to pass through; links the probe after the sampler."}),
-            }
+            },
+            "optional": {
+                "report": (REPORT_TYPE, {"tooltip": "The sampler's report output: the figures of the generation "
+                                                    "that made these images."}),
+                "pipe": (PIPE_TYPE, {"tooltip": "Only for workflows saved before the report output existed: "
+                                                "reports the last generation on this pipeline, which with several "
+                                                "samplers may be another image's. Connect the report instead."}),
+            },
         }
 
-    def probe(self, pipe, images):
-        report = pipe.last_report
+    def probe(self, images, report=None, pipe=None):
+        note = ""
+        if report is None and pipe is not None:
+            # Saved before the sampler had a report output: the pipeline's last generation.
+            report = pipe.get().last_report
+            note = ("(last generation on this pipeline: connect the sampler's report output to this probe for the "
+                    "figures of these very images)\n")
         if report is None:
-            text = "No generation has run on this pipeline yet."
-            data = {"device": str(pipe.device), "nvml": device_stats.nvml_snapshot(pipe.device)}
+            text = "No report: connect the sampler's report output to this probe."
+            device = pipe.device if pipe is not None else "cpu"
+            data = {"device": str(device), "nvml": device_stats.nvml_snapshot(device)}
             chart = torch.zeros((1, 64, 64, 3))
         else:
-            text = report.to_text()
+            text = note + report.to_text()
             data = report.to_dict()
             chart = torch.from_numpy(report.chart())[None]
         as_json = json.dumps(data, default=str)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..engine.pipeline import GenerationRequest
 from . import comfy_runtime
 from .loader_node import CATEGORY
-from .pipe_handle import LORA_STACK_TYPE, PIPE_TYPE
+from .pipe_handle import LORA_STACK_TYPE, PIPE_TYPE, REPORT_TYPE
 
 
 class ZImageTurboSampler:
@@ -16,11 +16,12 @@ class ZImageTurboSampler:
     )
     CATEGORY = CATEGORY
     FUNCTION = "sample"
-    RETURN_TYPES = ("IMAGE", "LATENT")
-    RETURN_NAMES = ("images", "latent")
+    RETURN_TYPES = ("IMAGE", "LATENT", REPORT_TYPE)
+    RETURN_NAMES = ("images", "latent", "report")
     OUTPUT_TOOLTIPS = (
         "The images, batch x height x width x RGB in 0..1.",
         "The final latents in VAE space (16 channels, 1/8 size), usable by ComfyUI's VAE Decode with ae.safetensors.",
+        "What this very generation cost (timings, memory, LoRAs); connect it to the VRAM/Latency Probe.",
     )
 
     @classmethod
@@ -69,6 +70,10 @@ class ZImageTurboSampler:
             list(lora_stack or ()),
             on_step=comfy_runtime.progress_callback(steps),
             check_interrupt=comfy_runtime.check_interrupt,
+            # The settings of *this* loader: two loaders of the same files share one pipeline.
+            memory=pipe.memory,
+            compile_mode=pipe.compile_mode,
         )
-        pipe.last_report = result.report
-        return (result.images, {"samples": result.latents})
+        # The report travels along the link to the probe, so the figures beside an image are that
+        # image's, however many samplers share the loader.
+        return (result.images, {"samples": result.latents}, result.report)

@@ -63,7 +63,7 @@ def main() -> int:
         "3": {"class_type": "ZImageTurboSampler", "inputs": {
             "pipe": ["1", 0], "lora_stack": ["2", 0], "prompt": args.prompt, "negative_prompt": "", "width": size,
             "height": size, "steps": 8, "cfg": 0.0, "shift": 3.0, "seed": args.seed, "batch_size": 1}},
-        "4": {"class_type": "ZImageTurboProbe", "inputs": {"pipe": ["1", 0], "images": ["3", 0]}},
+        "4": {"class_type": "ZImageTurboProbe", "inputs": {"images": ["3", 0], "report": ["3", 2]}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "zimage_turbo_demo"}},
     }
     server = ComfyServer(COMFY_DIR, cpu=not torch.cuda.is_available(), log_path=REPO / ".build" / "demo_comfyui.log")

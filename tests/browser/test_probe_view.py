@@ -81,6 +81,6 @@ def test_without_nvml_the_bar_shows_torch_reserved(comfy_page):
 
 
 def test_before_any_generation_the_probe_says_so(comfy_page):
-    text = "No generation has run on this pipeline yet."
+    text = "No report: connect the sampler's report output to this probe."
     shown = show(comfy_page, {"device": "cpu", "nvml": {"available": False, "reason": "no NVIDIA GPU"}}, text)
     assert shown["data"]["state"] == "empty" and shown["text"] == text

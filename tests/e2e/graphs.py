@@ -15,7 +15,7 @@ def api_prompt(seed=1, width=64, height=48, loras=None, model=MODEL, steps=8, pr
         "3": {"class_type": "ZImageTurboSampler", "inputs": {
             "pipe": ["1", 0], "lora_stack": ["2", 0], "prompt": prompt, "negative_prompt": "", "width": width,
             "height": height, "steps": steps, "cfg": cfg, "shift": 3.0, "seed": seed, "batch_size": 1}},
-        "4": {"class_type": "ZImageTurboProbe", "inputs": {"pipe": ["1", 0], "images": ["3", 0]}},
+        "4": {"class_type": "ZImageTurboProbe", "inputs": {"images": ["3", 0], "report": ["3", 2]}},
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "e2e"}},
     }
     return graph

@@ -50,7 +50,9 @@ def test_object_info_lists_the_four_nodes(comfy):
     sampler = info["ZImageTurboSampler"]["input"]["required"]
     assert sampler["steps"][1]["default"] == 8 and sampler["cfg"][1]["default"] == 0.0 and sampler["shift"][1]["default"] == 3.0
     assert info["ZImageTurboProbe"]["output_name"] == ["images", "report", "json", "chart"]
-    assert info["ZImageTurboSampler"]["output"] == ["IMAGE", "LATENT"]
+    assert info["ZImageTurboSampler"]["output"] == ["IMAGE", "LATENT", "ZIMAGE_TURBO_REPORT"]
+    assert set(info["ZImageTurboProbe"]["input"]["required"]) == {"images"}
+    assert set(info["ZImageTurboProbe"]["input"]["optional"]) == {"report", "pipe"}
 
 
 def test_full_prompt_saves_an_image_of_the_requested_size(comfy):
@@ -257,3 +259,34 @@ def test_cancel_stops_between_steps_and_the_server_goes_on(comfy):
     assert kinds[-1] == "execution_interrupted"
     assert value < 200
     ok(comfy, api_prompt(seed=52))
+
+
+def test_each_probe_reports_its_own_sampler_with_two_samplers_on_one_loader(comfy):
+    graph = api_prompt(seed=61, width=64, height=48)
+    graph["6"] = {"class_type": "ZImageTurboSampler", "inputs": dict(graph["3"]["inputs"], seed=62, width=80)}
+    graph["7"] = {"class_type": "ZImageTurboProbe", "inputs": {"images": ["6", 0], "report": ["6", 2]}}
+    graph["8"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "e2e_b"}}
+    res = ok(comfy, graph)
+    a, b = res.outputs()["4"]["zimage_probe"][0], res.outputs()["7"]["zimage_probe"][0]
+    assert (a["seed"], a["width"]) == (61, 64) and (b["seed"], b["width"]) == (62, 80)
+    assert image_of(comfy, res, "5").shape == (48, 64, 3) and image_of(comfy, res, "8").shape == (48, 80, 3)
+
+
+def test_two_loaders_of_the_same_files_keep_their_own_settings(comfy):
+    graph = api_prompt(seed=63, memory="resident")
+    graph["11"] = {"class_type": "ZImageTurboLoader", "inputs": dict(graph["1"]["inputs"], memory="low_vram")}
+    graph["12"] = {"class_type": "ZImageTurboSampler", "inputs": dict(graph["3"]["inputs"], pipe=["11", 0], seed=64)}
+    graph["13"] = {"class_type": "ZImageTurboProbe", "inputs": {"images": ["12", 0], "report": ["12", 2]}}
+    graph["14"] = {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "e2e_c"}}
+    res = ok(comfy, graph)
+    assert res.outputs()["4"]["zimage_probe"][0]["memory_mode"] == "resident"
+    assert res.outputs()["13"]["zimage_probe"][0]["memory_mode"] == "low_vram"
+
+
+def test_a_probe_saved_before_the_report_output_still_works(comfy):
+    graph = api_prompt(seed=65, width=96, height=48)
+    graph["4"]["inputs"] = {"pipe": ["1", 0], "images": ["3", 0]}  # as saved before the report link existed
+    res = ok(comfy, graph)
+    probe = probe_of(res)
+    assert probe["width"] == 96 and probe["seed"] == 65
+    assert res.outputs()["4"]["text"][0].startswith("(last generation on this pipeline")

@@ -118,3 +118,14 @@ def test_stack_order_does_not_depend_on_where_the_files_sit_or_their_mtime(tiny,
     else:
         pytest.fail("no mtime flipped the order")
     assert torch.equal(pipe.generate(REQ, [LoraSpec(copies[1], -0.4), LoraSpec(copies[0], 0.6)]).images, here)
+
+
+def test_a_generation_runs_with_the_settings_it_is_given_not_the_last_callers(tiny, fresh_engine):
+    src = DiffusersFolder(tiny["built"].diffusers_dir)
+    mine = get_pipeline(src, CPU, torch.float32, "resident", "off")
+    theirs = get_pipeline(src, CPU, torch.float32, "low_vram", "off")  # another loader of the same files
+    assert mine is theirs  # one pipeline: the weights are loaded once
+    assert mine.generate(REQ, memory="resident", compile_mode="off").report.memory_mode == "resident"
+    assert theirs.generate(REQ, memory="low_vram").report.memory_mode == "low_vram"
+    with pytest.raises(InvalidSettingError, match="memory mode"):
+        mine.generate(REQ, memory="everywhere")

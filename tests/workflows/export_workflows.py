@@ -171,8 +171,8 @@ BUILD_JS = """async (spec) => {
     }
     loader.connect(0, sampler, "pipe");
     stack.connect(0, sampler, "lora_stack");
-    loader.connect(0, probe, "pipe");
     sampler.connect(0, probe, "images");
+    sampler.connect(2, probe, "report");
     probe.connect(0, save, "images");
     app.graph.setDirtyCanvas(true, true);
     return app.graph.serialize();

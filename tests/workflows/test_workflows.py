@@ -99,6 +99,9 @@ def test_api_twin_has_the_style_settings(name):
     stack_id = next(k for k, n in graph.items() if n["class_type"] == "ZImageTurboLoraStack")
     loader_id = next(k for k, n in graph.items() if n["class_type"] == "ZImageTurboLoader")
     assert sampler["lora_stack"] == [stack_id, 0] and sampler["pipe"] == [loader_id, 0]
+    sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ZImageTurboSampler")
+    # The probe shows the report of the generation that made its images, carried along the link.
+    assert api_node(graph, "ZImageTurboProbe") == {"images": [sampler_id, 0], "report": [sampler_id, 2]}
     assert api_node(graph, "SaveImage")["filename_prefix"] == name
 
 
