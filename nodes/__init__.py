@@ -1,6 +1,7 @@
 """ComfyUI node classes: thin adapters over the engine."""
 
 from . import routes
+from .constants import DISPLAY_NAMES
 from .loader_node import ZImageTurboLoader
 from .lora_stack_node import ZImageTurboLoraStack
 from .probe_node import ZImageTurboProbe
@@ -13,11 +14,6 @@ NODE_CLASS_MAPPINGS = {
     "ZImageTurboProbe": ZImageTurboProbe,
 }
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ZImageTurboLoader": "Z-Image Turbo Loader",
-    "ZImageTurboLoraStack": "Z-Image Turbo LoRA Stack",
-    "ZImageTurboSampler": "Z-Image Turbo Sampler (8-step)",
-    "ZImageTurboProbe": "Z-Image Turbo VRAM/Latency Probe",
-}
+NODE_DISPLAY_NAME_MAPPINGS = dict(DISPLAY_NAMES)
 
 routes.register()

@@ -7,9 +7,8 @@ from ..engine.errors import ZImageError
 from ..engine.loading import DiffusersFolder, SplitFiles, resolve_device, resolve_dtype
 from ..engine.pipeline import MEMORY_MODES
 from . import comfy_paths, comfy_runtime
-from .pipe_handle import PIPE_TYPE, PipeHandle
-
-CATEGORY = "Z-Image Turbo"
+from .constants import CATEGORY, PIPE_TYPE
+from .pipe_handle import PipeHandle
 
 
 class ZImageTurboLoader:

@@ -7,8 +7,7 @@ import json
 from ..engine.errors import InvalidSettingError, ZImageError
 from ..engine.lora import LoraSpec, check_strength, combine_stack
 from . import comfy_paths
-from .loader_node import CATEGORY
-from .pipe_handle import LORA_STACK_TYPE
+from .constants import CATEGORY, LORA_STACK_TYPE
 
 EXAMPLE = '[{"lora": "sugar_face.safetensors", "strength": 0.8, "on": true}]'
 

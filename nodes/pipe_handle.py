@@ -15,10 +15,6 @@ from ..engine.loading import ModelSource
 from ..engine.pipeline import TurboPipeline, get_pipeline
 from . import comfy_runtime
 
-PIPE_TYPE = "ZIMAGE_TURBO_PIPE"
-LORA_STACK_TYPE = "ZIMAGE_LORA_STACK"
-# What one generation cost, from the sampler that made the images to the probe beside them.
-REPORT_TYPE = "ZIMAGE_TURBO_REPORT"
 
 
 @dataclass(eq=False)

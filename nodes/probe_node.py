@@ -7,8 +7,7 @@ import json
 import torch
 
 from ..engine import device_stats
-from .loader_node import CATEGORY
-from .pipe_handle import PIPE_TYPE, REPORT_TYPE
+from .constants import CATEGORY, PIPE_TYPE, REPORT_TYPE
 
 
 class ZImageTurboProbe:

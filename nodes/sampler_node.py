@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from ..engine.pipeline import GenerationRequest
 from . import comfy_runtime
-from .loader_node import CATEGORY
-from .pipe_handle import LORA_STACK_TYPE, PIPE_TYPE, REPORT_TYPE
+from .constants import CATEGORY, LORA_STACK_TYPE, PIPE_TYPE, REPORT_TYPE
 
 
 class ZImageTurboSampler:

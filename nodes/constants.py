@@ -1,0 +1,16 @@
+"""Names the nodes, the front end and saved workflows share: one place for each."""
+
+CATEGORY = "Z-Image Turbo"
+
+# Link types between our nodes.
+PIPE_TYPE = "ZIMAGE_TURBO_PIPE"  # the loader's recipe of a pipeline (nodes/pipe_handle.py)
+LORA_STACK_TYPE = "ZIMAGE_LORA_STACK"  # a tuple of engine LoraSpec rows
+REPORT_TYPE = "ZIMAGE_TURBO_REPORT"  # what one generation cost, sampler -> probe
+
+# Node ids (saved in workflows: never rename) and the names shown in the editor.
+DISPLAY_NAMES = {
+    "ZImageTurboLoader": "Z-Image Turbo Loader",
+    "ZImageTurboLoraStack": "Z-Image Turbo LoRA Stack",
+    "ZImageTurboSampler": "Z-Image Turbo Sampler (8-step)",
+    "ZImageTurboProbe": "Z-Image Turbo VRAM/Latency Probe",
+}

@@ -1,0 +1,35 @@
+"""The engine knows nothing of ComfyUI: no module of it imports ComfyUI's, or the node layer above it."""
+
+import ast
+from pathlib import Path
+
+ENGINE = Path(__file__).resolve().parents[2] / "engine"
+COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "execution",
+                 "nodes", "node_helpers", "latent_preview", "app"}
+
+
+def imported_roots(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level >= 2:  # `from ..nodes import x`: reaching up out of the engine
+                out.append((node.lineno, ".." + (node.module or "")))
+            elif node.level == 0 and node.module:
+                out.append((node.lineno, node.module.split(".")[0]))
+    return out
+
+
+def test_no_engine_module_imports_comfyui_or_the_node_layer():
+    files = sorted(ENGINE.glob("*.py"))
+    assert len(files) > 10
+    bad = [f"{f.name}:{line} imports {mod}" for f in files for line, mod in imported_roots(f)
+           if mod in COMFY_MODULES or mod.startswith("..")]
+    assert bad == []
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import os\nfrom ..nodes import loader_node\nimport folder_paths\nfrom comfy.utils import x\n")
+    assert [m for _, m in imported_roots(sample)] == ["os", "..nodes", "folder_paths", "comfy"]
