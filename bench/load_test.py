@@ -32,6 +32,7 @@ import queue
 import random
 import re
 import socket
+import statistics
 import sys
 import tempfile
 import textwrap
@@ -379,15 +380,13 @@ def run_level(client: ComfyClient, workflow: Workflow, level: int, records: list
     return t_last_done - t_level
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default), without needing numpy."""
+def percentile(values: list[float], q: int) -> float | None:
+    """The q-th percentile, interpolated between closest ranks (numpy's default)."""
     if not values:
         return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    if len(values) == 1:  # statistics.quantiles needs two points
+        return float(values[0])
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def peak_memory(records: list[RequestRecord]) -> tuple[int | None, str]:

@@ -98,13 +98,6 @@ class ParsedLora:
     def ranks(self) -> list[int]:
         return sorted({t.rank for t in self.targets.values()})
 
-    def peft_state_dict(self, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-        """diffusers/peft keys with alpha/rank folded into B (in fp32), so every adapter scale is the strength."""
-        sd = {}
-        for name, t in self.targets.items():
-            sd[f"{name}.lora_A.weight"] = t.down.to(device=device, dtype=dtype)
-            sd[f"{name}.lora_B.weight"] = (t.up.float() * (t.alpha / t.rank)).to(device=device, dtype=dtype)
-        return sd
 
 
 def linear_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
