@@ -33,6 +33,11 @@ MAX_SHIFT = 20.0
 EMBED_CACHE_SIZE = 64
 
 
+def check_memory_mode(memory: str) -> None:
+    if memory not in MEMORY_MODES:
+        raise InvalidSettingError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}.")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
@@ -224,8 +229,8 @@ class TurboPipeline:
         so what each caller gets is fixed by its own inputs, not by whoever asked last.
         """
         req.validate()
-        if memory is not None and memory not in MEMORY_MODES:
-            raise InvalidSettingError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}.")
+        if memory is not None:
+            check_memory_mode(memory)
         if compile_mode is not None:
             acceleration.wants_compile(compile_mode, self.device.type)  # rejects a bad value
         # Inference mode for everything, LoRA slot updates included: tensors made inside it (as
@@ -390,8 +395,7 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
     `memory` and `compile_mode` become its defaults for generate() calls that name none; callers
     sharing the pipeline (the nodes) pass their own to generate().
     """
-    if memory not in MEMORY_MODES:
-        raise InvalidSettingError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}.")
+    check_memory_mode(memory)
     with _REGISTRY_LOCK:
         te_on_host = device.type == "cuda" and memory != "resident"
         comps = load_components(source, device, dtype, te_on_host)
