@@ -17,5 +17,9 @@ except ImportError as exc:  # a missing dependency must not take ComfyUI down wi
     )
     NODE_CLASS_MAPPINGS = {}
     NODE_DISPLAY_NAME_MAPPINGS = {}
+else:
+    from .nodes.preload import start_with_server
+
+    start_with_server()  # opt-in (ZIMAGE_TURBO_PRELOAD or user/zimage_turbo_preload.json); never raises, never blocks
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -85,11 +85,20 @@ class ZImageTurboLoader:
         return True
 
     def load(self, model, text_encoder, vae, dtype, device, memory, compile="auto"):
-        source = _source(model, text_encoder, vae)
-        dev = resolve_device(device, comfy_runtime.comfy_device())
-        handle = PipeHandle(source, dev, resolve_dtype(dtype, dev), memory, compile)
+        source, dev, dt = resolve(model, text_encoder, vae, dtype, device)
+        handle = PipeHandle(source, dev, dt, memory, compile)
         handle.get()  # preload now, so the load shows up on this node and the sampler starts warm
         return (handle,)
+
+
+def resolve(model, text_encoder, vae, dtype, device):
+    """The loader's inputs as the engine's cache sees them: (source files, device, dtype).
+
+    Shared with the start-up preload (preload.py), so both find the same cached pipeline.
+    """
+    source = _source(model, text_encoder, vae)
+    dev = resolve_device(device, comfy_runtime.comfy_device())
+    return source, dev, resolve_dtype(dtype, dev)
 
 
 def _model_source_name(model):

@@ -4,6 +4,9 @@ GET  /zimage_turbo/status  which Turbo pipelines are loaded, where, and how big.
 POST /zimage_turbo/free    release every Turbo pipeline on every device. ComfyUI's own
                            POST /free unloads the models of ComfyUI's device only, so a
                            pipeline pinned to another GPU needs this.
+POST /zimage_turbo/preload load (and warm) pipelines in the background: the body is the
+                           preload config's JSON (an empty body: the configured one again);
+                           answers 202 at once, or 400 naming what is wrong (preload.py).
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import logging
 
 from ..engine import pipeline as engine_pipeline
 from ..engine.loading import DTYPE_NAMES
+from . import preload
 
 
 def status() -> dict:
     pipes = []
-    for p in engine_pipeline.cached_pipelines():
+    for p in preload.loaded_pipelines():  # never waits for a load in progress: this runs on the event loop
         weights = sum(t.numel() * t.element_size() for m in (p.transformer, p.text_encoder, p.vae) for t in m.parameters())
         pipes.append({
             "source": p.comps.source.describe(),
@@ -28,8 +32,12 @@ def status() -> dict:
             "weight_bytes": weights,
             "lora_slots": p.tstate.lora.slot_count,
             "last_total_s": p.last_report.total_s if p.last_report else None,
+            "preloaded": preload.PRELOADER.preloaded(p),
         })
-    return {"pipelines": pipes}
+        cs = preload.compile_status(p)
+        if cs is not None:
+            pipes[-1]["compile_status"] = cs
+    return {"pipelines": pipes, "preload": preload.PRELOADER.status()}
 
 
 def free_all() -> None:
@@ -58,5 +66,14 @@ def register() -> None:
         # stalling the server's event loop.
         await asyncio.get_running_loop().run_in_executor(None, free_all)
         return web.json_response(status())
+
+    @PromptServer.instance.routes.post("/zimage_turbo/preload")
+    async def zimage_turbo_preload(request):
+        raw = await request.read()
+        # In a worker thread: the config file and the model folders are read.
+        code, body = await asyncio.get_running_loop().run_in_executor(None, preload.request_from_body, raw)
+        if code == 202:
+            body = status()
+        return web.json_response(body, status=code)
 
     logging.getLogger("zimage_turbo").debug("registered /zimage_turbo/status")
