@@ -6,6 +6,9 @@
 #   bench/gpu_run.sh bench [run_bench.py args...]
 #   bench/gpu_run.sh check     python -m engine check on the true-size files (header only)
 #   bench/gpu_run.sh soak:ARGS bench/soak.py --root <model> ARGS (commas for spaces), results to $OUT
+#   bench/gpu_run.sh determinism  compiled images in several processes, cold vs cached compile caches
+#   bench/gpu_run.sh lora      bench/lora_paths.py: LoRA cost per step / switch, merged vs adapters
+#   bench/gpu_run.sh api:ARGS  bench/api_bench.py --root <model> ARGS: the real-server benchmark
 # Results and logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +58,23 @@ for what in "$@"; do
         soak:*)
             args=${what#soak:}
             python3 bench/soak.py --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/soak.log | tail -40
+            ;;
+        determinism)
+            # P1, P2: cold (own empty inductor caches); P3: P1's inductor cache; P4: empty inductor cache
+            # but P1's saved blob (ZIMAGE_TURBO_CACHE_DIR); P5 like P3, other order.
+            d=/tmp/det; rm -rf $d; mkdir -p $d
+            run_det() { TORCHINDUCTOR_CACHE_DIR=$d/$2 ZIMAGE_TURBO_CACHE_DIR=$d/$3 \
+                python3 bench/determinism_check.py $1 $4 $d/model 2>>$OUT/determinism.err | tee -a $OUT/determinism.log; }
+            python3 -c "import sys; sys.path.insert(0, '.'); from engine import model_builder as m; m.build_random_model('$d/model', 'zit_tiny', m.TINY, seed=0)" 2>>$OUT/determinism.err
+            run_det cold1 indA blobA ab; run_det cold2 indB blobB ab; run_det cachedA indA blobA ab
+            run_det blobOnly indC blobA ab; run_det cachedA_ba indA blobA ba
+            ;;
+        lora)
+            python3 bench/lora_paths.py --root $ROOT --out $OUT 2>&1 | grep -v Warning | tee $OUT/lora.log | tail -8
+            ;;
+        api:*)
+            args=${what#api:}
+            python3 bench/api_bench.py --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/api.log | tail -40
             ;;
         bench:*)
             args=${what#bench:}

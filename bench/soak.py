@@ -18,7 +18,7 @@ mixed in. It checks that:
     # CPU, the tiny random-weight model built on the spot (the short form runs in `make test`):
     .venv/bin/python bench/soak.py --tiny
     .venv/bin/python bench/soak.py --tiny --short
-    # GPU machine, the true-size random weights of bench/build_model.py (bf16, compile auto, 256..1024 px):
+    # GPU machine, the true-size random weights of bench/build_model.py (bf16, compile on, 256..1024 px):
     python3 bench/soak.py --root /tmp/zfull          # or: bench/gpu_run.sh soak:
     # the client needs websocket-client and Pillow; ComfyUI runs with a blank front end if its package is missing
 
@@ -1172,9 +1172,12 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args, gpu: bool) -> SoakConfig:
     base = SoakConfig.short() if args.short else SoakConfig()
     if gpu:
-        # True size: sides 256..1024, bf16, compiled (compile "auto"); 200 prompts; /free with unload_models makes
-        # the next prompt load and compile again, so 2 of those. Victims need no extra steps (a step is ~0.1 s).
-        base = dataclasses.replace(base, min_side=256, max_side=1024, dtype="bf16", victim_steps=8,
+        # True size: sides 256..1024, bf16, compile "on" (every image from the compiled code: with "auto" the
+        # images made while it compiles come from the eager code, a few levels apart, and the soak compares bytes;
+        # both servers share ComfyUI's user folder, so the reference server runs the same saved kernels);
+        # 200 prompts; /free with unload_models makes the next prompt load and compile again, so 2 of those.
+        # Victims need no extra steps (a step is ~0.1 s).
+        base = dataclasses.replace(base, min_side=256, max_side=1024, dtype="bf16", victim_steps=8, compile="on",
                                    prompt_timeout_s=900, unloads=min(base.unloads, 2),
                                    prompts=base.prompts if args.short else 200)
     overrides = {"prompts": args.prompts, "clients": args.clients, "min_side": args.min_side,

@@ -5,38 +5,84 @@ instances (34 transformer blocks, 35 text-encoder layers). The transformer block
 get an attention processor that applies RoPE in real arithmetic (fast_attention.py),
 because inductor cannot fuse complex numbers. Shapes are dynamic, so a new prompt length
 or image size does not recompile; LoRA slots keep strengths in tensors, so switching
-styles does not recompile either. The first run pays the compile (the probe reports it).
-Streamed modules (offload modes) are never compiled: their weights move between calls.
+styles does not recompile either. Streamed modules (offload modes) are never compiled:
+their weights move between calls.
+
+Nobody should wait for the compiler: a compiled region keeps its eager path, and which one
+runs is chosen per thread (`compiled_calls`). The pipeline serves images eagerly while a
+background thread compiles (warmup.py), and switches once the compiled code is ready.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 
+import torch
 from torch import nn
 
 from . import fast_attention
 
 TRANSFORMER_BLOCK = "ZImageTransformerBlock"
+# auto: on CUDA, compile in the background while the first images run eagerly; off on a CPU.
+# on: compile, and the first image waits for it (every image comes from the compiled code).
+# off: the eager path only. background: like auto on any device (for tests on a CPU).
 COMPILE_MODES = ("auto", "on", "off")
+ENGINE_COMPILE_MODES = COMPILE_MODES + ("background",)
+
+_local = threading.local()
 
 
-def wants_compile(mode: str, device_type: str) -> bool:
-    if mode not in COMPILE_MODES:
+def check_compile_mode(mode: str) -> None:
+    if mode not in ENGINE_COMPILE_MODES:
         from .errors import InvalidSettingError
 
         raise InvalidSettingError(f"unknown compile setting {mode!r}: use auto, on or off.")
-    return mode == "on" or (mode == "auto" and device_type == "cuda")
+
+
+def wants_compile(mode: str, device_type: str) -> bool:
+    check_compile_mode(mode)
+    return mode in ("on", "background") or (mode == "auto" and device_type == "cuda")
+
+
+def compiles_in_background(mode: str, device_type: str) -> bool:
+    return mode == "background" or (mode == "auto" and device_type == "cuda")
+
+
+@contextlib.contextmanager
+def compiled_calls(on: bool):
+    """Within this block, on this thread, compiled regions run their compiled code (else their eager code)."""
+    prev = getattr(_local, "on", False)
+    _local.on = on
+    try:
+        yield
+    finally:
+        _local.on = prev
 
 
 def _regions(module: nn.Module, class_suffix: str) -> list[nn.Module]:
     return [m for m in module.modules() if type(m).__name__.endswith(class_suffix)]
 
 
+def _install(region: nn.Module) -> None:
+    # What nn.Module.compile() does, plus a per-thread choice of path: the eager code stays
+    # callable while another thread compiles (dynamo's cache is per code object, so every
+    # instance of a block class shares one compiled graph).
+    compiled = torch.compile(region._call_impl, dynamic=True, fullgraph=False)
+    eager = region._call_impl
+
+    def call(*args, **kwargs):
+        if getattr(_local, "on", False):
+            return compiled(*args, **kwargs)
+        return eager(*args, **kwargs)
+
+    region._compiled_call_impl = call
+
+
 def _set(regions: list[nn.Module], on: bool) -> None:
     for r in regions:
         if on and getattr(r, "_compiled_call_impl", None) is None:
-            r.compile(dynamic=True, fullgraph=False)
+            _install(r)
         elif not on:
             r._compiled_call_impl = None
 
@@ -62,11 +108,13 @@ def set_vae(vae: nn.Module, on: bool) -> None:
 
 
 def tracing_context():
-    """Settings for the traces our modules make (they happen lazily, inside generate()).
+    """Settings for the traces our modules make (they happen lazily, inside generate() or the warm-up).
 
     Without this, dynamo's "duck sizing" assumes dimensions that were equal at the first trace
     stay equal: after a square image, the first non-square one recompiles the VAE decoder.
-    Scoped to our calls, so other compiled models in the process keep their own settings.
+    torch's config overrides belong to the thread that sets them, so each thread that runs our
+    compiled regions (the generation, the background warm-up) enters this itself; other
+    compiled models in the process keep their own settings.
     """
     try:
         from torch.fx.experimental import _config as fx_config

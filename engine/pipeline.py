@@ -17,13 +17,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import acceleration, device_stats, fp16_guard
+from . import acceleration, compile_cache, device_stats, fp16_guard
 from .errors import InvalidSettingError, NonFiniteError, OutOfMemoryError
 from .loading import COMPONENTS, CachedComponent, LoadedComponents, ModelSource, load_components
 from .lora import LORA_FILES, LoraApplyReport, LoraManager, LoraSpec
 from .model_config import CHAT_TEMPLATE, LATENT_CHANNELS, MAX_PROMPT_TOKENS, SIZE_MULTIPLE, VAE_SCALE
 from .offload import BlockStreamer, place_outside_blocks, text_encoder_blocks, transformer_blocks
 from .report import RunReport
+from .warmup import CompileWarmup
 
 MEMORY_MODES = ("resident", "offload_text_encoder", "low_vram")
 MAX_SIDE = 4096
@@ -132,6 +133,9 @@ class TurboPipeline:
         self.last_report: RunReport | None = None
         self.lock = threading.Lock()
         self.vae_fp32 = None
+        self.warmup = CompileWarmup(self)
+        self.cache_tag = compile_cache.tag(device, dtype, _shape_signature(self.transformer, self.text_encoder, self.vae))
+        self._graphs_saved = None
         if dtype == torch.float16:
             if not self.tstate.guards:
                 self.tstate.guards = fp16_guard.install_transformer_guards(self.transformer)
@@ -151,7 +155,66 @@ class TurboPipeline:
         for module, setter, on in plan:
             if on != acceleration.is_compiled(module):
                 setter(module, on)
-        return want and self.tstate.streamer is None
+        if not want:
+            self.warmup.set_off()
+        return want
+
+    def lora_variant(self):
+        """What the compiled transformer sees of the LoRA state (see LoraManager.variant)."""
+        return self.tstate.lora.variant()
+
+    def start_warmup(self) -> None:
+        """Compile now, in the background, what generate() would compile (idempotent; a no-op without compile).
+
+        For a preload: the first image after it runs the compiled code at once.
+        """
+        with self.lock, torch.inference_mode(), device_stats.current_device(self.device):
+            self._apply_memory_mode()
+            if self._apply_compile():
+                self.warmup.request(self.lora_variant())
+
+    def compile_status(self) -> dict:
+        """{"state": off|pending|compiling|compiled|failed, "seconds", "error", "variants"}."""
+        return self.warmup.status()
+
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        return self.warmup.wait(timeout)
+
+    def _choose_path(self, want: bool) -> tuple[bool, str]:
+        """(run the compiled code?, what the probe says) for this generation, after the LoRA apply."""
+        if not want:
+            return False, "eager (compile off)"
+        variant = self.lora_variant()
+        if acceleration.compiles_in_background(self.compile_mode, self.device.type):
+            if self.warmup.use_compiled(variant):
+                return True, "compiled"
+            self.warmup.request(variant)
+            st = self.warmup.status()
+            if st["state"] == "failed":
+                return False, f"eager (compile failed: {st['error']})"
+            return False, "eager (compiling in the background)"
+        # "on": compiled code from the first image: this run waits for the warm-up (which compiles
+        # every padding case at once, so later prompt lengths and sizes do not stop to compile).
+        t0 = time.perf_counter()
+        for _ in range(3):  # a variant lost to a race with a LoRA change is asked for again
+            if self.warmup.use_compiled(variant) or self.warmup.status()["state"] == "failed":
+                break
+            self.warmup.request(variant)
+            self.warmup.wait()
+        waited = time.perf_counter() - t0
+        if self.warmup.use_compiled(variant):
+            return True, "compiled" + (f" (this run waited {waited:.1f} s for the compiler)" if waited > 0.5 else "")
+        st = self.warmup.status()
+        return False, f"eager (compile failed: {st['error'] or 'the compiled code did not become ready'})"
+
+    def _save_compiled(self) -> None:
+        """After a foreground compile ("on"), keep what was compiled on disk."""
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+        if graphs != self._graphs_saved:
+            self._graphs_saved = graphs
+            compile_cache.save(self.cache_tag)
 
     def _apply_memory_mode(self) -> None:
         """Put weights where the memory mode wants them (a no-op on the CPU, where all is host memory)."""
@@ -159,6 +222,8 @@ class TurboPipeline:
             return
         stream_te = self.memory in ("offload_text_encoder", "low_vram")
         stream_tr = self.memory == "low_vram"
+        # Streamed blocks swap their weights between host and device: no LoRA is merged into them.
+        self.tstate.lora.set_allow_merge(not stream_tr)
         for st, blocks_of, module, want, wrap, host in (
             (self.testate, text_encoder_blocks, self.text_encoder, stream_te, False, ("embed_tokens",)),
             (self.tstate, transformer_blocks, self.transformer, stream_tr, True, ()),
@@ -232,7 +297,7 @@ class TurboPipeline:
         if memory is not None:
             check_memory_mode(memory)
         if compile_mode is not None:
-            acceleration.wants_compile(compile_mode, self.device.type)  # rejects a bad value
+            acceleration.check_compile_mode(compile_mode)
         # Inference mode for everything, LoRA slot updates included: tensors made inside it (as
         # ComfyUI runs nodes) may only be changed inside it. The pipeline's device is made the
         # current one, so every CUDA call (events, streams, sync, memory stats) names it even in a
@@ -259,19 +324,29 @@ class TurboPipeline:
 
     def _generate(self, req, loras, on_step, check_interrupt) -> GenerationResult:
         dev = self.device
-        cuda = dev.type == "cuda"
         t_start = time.perf_counter()
         report = RunReport.start(self, req)
         report.load_s = dict(self.pending_loads)
         self.pending_loads = {}
         device_stats.reset_peak(dev)
         self._apply_memory_mode()
-        report.compiled = self._apply_compile()
+        want = self._apply_compile()
 
         t0 = time.perf_counter()
         lora_rep: LoraApplyReport = self.tstate.lora.apply(loras)
         device_stats.synchronize(dev)
         report.set_lora(lora_rep, time.perf_counter() - t0)
+        report.compiled, report.compile_path = self._choose_path(want)
+        with acceleration.compiled_calls(report.compiled):
+            result = self._denoise_and_decode(req, report, lora_rep, t_start, on_step, check_interrupt)
+        if report.compiled:
+            self._save_compiled()  # only when this run compiled something new
+            self.warmup.mark_ready(self.lora_variant())
+        return result
+
+    def _denoise_and_decode(self, req, report, lora_rep, t_start, on_step, check_interrupt) -> GenerationResult:
+        dev = self.device
+        cuda = dev.type == "cuda"
 
         t0 = time.perf_counter()
         pos, pos_hit, n_tok, truncated = self.encode(req.prompt)
@@ -400,7 +475,7 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
         te_on_host = device.type == "cuda" and memory != "resident"
         comps = load_components(source, device, dtype, te_on_host)
         pipe = _PIPELINES.get(comps.keys)
-        acceleration.wants_compile(compile_mode, device.type)  # reject a bad value before anything runs
+        acceleration.check_compile_mode(compile_mode)  # reject a bad value before anything runs
         if pipe is None:
             pipe = TurboPipeline(comps, device, dtype, memory, compile_mode)
             _PIPELINES[comps.keys] = pipe
@@ -410,6 +485,17 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
         pipe.memory = memory
         pipe.compile_mode = compile_mode
         return pipe
+
+
+def _shape_signature(*modules) -> str:
+    """The model's architecture as its parameter names and shapes (for the compile cache's key)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for m in modules:
+        for name, t in m.named_parameters():
+            h.update(f"{name}{tuple(t.shape)}".encode())
+    return h.hexdigest()
 
 
 def cached_pipelines() -> list[TurboPipeline]:

@@ -46,8 +46,11 @@ class RunReport:
     prompt_tokens: int = 0
     prompt_truncated: bool = False
     vae_fp32_fallback: bool = False
-    compiled: bool = False
+    compiled: bool = False  # the compiled code ran
+    compile_path: str = ""  # eager (compile off) / eager (compiling in the background) / compiled / ...
     lora_slots_rebuilt: bool = False
+    lora_path: str = ""  # merged (no cost per step) / adapters (beside the base layers) / "" (none on)
+    lora_why_adapters: str = ""
     # memory
     torch_memory: dict = field(default_factory=dict)
     nvml_during: dict = field(default_factory=dict)
@@ -80,6 +83,8 @@ class RunReport:
         self.lora_files_read = rep.files_read
         self.lora_adapters_injected = rep.adapters_injected
         self.lora_slots_rebuilt = rep.slots_rebuilt
+        self.lora_path = rep.path
+        self.lora_why_adapters = rep.why_adapters
 
     def finish(self, pipe) -> None:
         from .loading import COMPONENTS
@@ -121,8 +126,8 @@ class RunReport:
     def to_text(self) -> str:
         ms = lambda s: f"{s * 1000:8.1f} ms"
         lines = [
-            f"Z-Image-Turbo on {self.device_name}, {self.dtype}, memory {self.memory_mode}"
-            + (", compiled" if self.compiled else ""),
+            f"Z-Image-Turbo on {self.device_name}, {self.dtype}, memory {self.memory_mode}, "
+            f"{self.compile_path or ('compiled' if self.compiled else 'eager')}",
             f"{self.width}x{self.height}, {self.steps} steps, batch {self.batch_size}, cfg {self.cfg:g}, seed {self.seed}",
             "",
             "phase            time",
@@ -135,8 +140,10 @@ class RunReport:
             extra.append(f"{self.lora_files_read} file(s) read")
         if self.lora_adapters_injected:
             extra.append(f"{self.lora_adapters_injected} file(s) put in a slot")
-        if self.lora_slots_rebuilt and self.compiled:
-            extra.append("adapter slots rebuilt: compiled once")
+        if self.lora_path == "merged":
+            extra.append("merged into the weights: no cost per step")
+        elif self.lora_path == "adapters":
+            extra.append("run beside the base layers" + (f": {self.lora_why_adapters}" if self.lora_why_adapters else ""))
         lines.append(f"LoRA apply   {ms(self.lora_s)}   ({lora_note}{'; ' + ', '.join(extra) if extra else ''})")
         te_note = "embedding cache hit" if self.embedding_cache_hit else f"{self.prompt_tokens} tokens"
         if self.prompt_truncated:

@@ -88,3 +88,8 @@ def resolve_diffusers_folder(choice: str) -> Path:
 def qwen_tokenizer_dir() -> Path:
     """The Qwen tokenizer files ComfyUI ships (used when the text encoder is a single file)."""
     return Path(os.path.dirname(os.path.abspath(folder_paths.__file__))) / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
+def compile_cache_dir() -> Path:
+    """Compiled code kept between server starts: ComfyUI's user directory (its temp folder is emptied at start)."""
+    return Path(folder_paths.get_user_directory()) / "zimage_turbo" / "compile_cache"

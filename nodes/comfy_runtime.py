@@ -18,9 +18,13 @@ import comfy.model_patcher
 import comfy.utils
 from comfy.patcher_extension import CallbacksMP
 
+from ..engine import compile_cache
 from ..engine import pipeline as engine_pipeline
+from . import comfy_paths
 
 log = logging.getLogger("zimage_turbo")
+# ZIMAGE_TURBO_CACHE_DIR, when set, wins over this (compile_cache.folder()).
+compile_cache.configure(comfy_paths.compile_cache_dir())
 
 
 def device_choices() -> list[str]:

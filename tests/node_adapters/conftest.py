@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -25,10 +26,14 @@ class FolderPaths(types.ModuleType):
     def __init__(self):
         super().__init__("folder_paths")
         self.roots: dict[str, list[str]] = {}
+        self.user_dir = tempfile.mkdtemp(prefix="zimage_user_")
         self.__file__ = str(REPO / "folder_paths.py")  # the tokenizer is looked up beside it
 
     def get_folder_paths(self, folder):
         return self.roots.get(folder, [])
+
+    def get_user_directory(self):
+        return self.user_dir
 
     def get_filename_list(self, folder):
         out = []
