@@ -13,4 +13,5 @@ DISPLAY_NAMES = {
     "ZImageTurboLoraStack": "Z-Image Turbo LoRA Stack",
     "ZImageTurboSampler": "Z-Image Turbo Sampler (8-step)",
     "ZImageTurboProbe": "Z-Image Turbo VRAM/Latency Probe",
+    "ZImageTurboSave": "Z-Image Turbo Save Image",
 }

@@ -45,7 +45,7 @@ def test_workflow_loads_runs_from_the_run_button_and_shows_the_probe(comfy_page,
     page.load_workflow(load(name))
     assert page.visible_dialogs() == [], "loading the workflow opened a dialog (missing nodes or an error)"
     assert page.error_toasts() == []
-    probe_id, save_id = page.node_id("ZImageTurboProbe"), page.node_id("SaveImage")
+    probe_id, save_id = page.node_id("ZImageTurboProbe"), page.node_id("ZImageTurboSave")
     assert page.page.evaluate(PROBE_FIGURES_JS, probe_id)["data"]["state"] == "empty"
 
     page.click_run()

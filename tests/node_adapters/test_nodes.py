@@ -10,9 +10,9 @@ import pytest
 from model_names import MODEL, TEXT_ENCODER, VAE
 
 
-def test_the_pack_registers_four_nodes_with_one_category(pack):
+def test_the_pack_registers_five_nodes_with_one_category(pack):
     assert set(pack.NODE_CLASS_MAPPINGS) == {"ZImageTurboLoader", "ZImageTurboLoraStack", "ZImageTurboSampler",
-                                             "ZImageTurboProbe"}
+                                             "ZImageTurboProbe", "ZImageTurboSave"}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
     assert {cls.CATEGORY for cls in pack.NODE_CLASS_MAPPINGS.values()} == {"Z-Image Turbo"}
 

@@ -154,7 +154,7 @@ BUILD_JS = """async (spec) => {
     stack.zimageLoraEditor.commit(true);
     const sampler = make("ZImageTurboSampler", "sampler", spec.sampler);
     const probe = make("ZImageTurboProbe", "probe");
-    const save = make("SaveImage", "save", { filename_prefix: spec.prefix });
+    const save = make("ZImageTurboSave", "save", { filename_prefix: spec.prefix, format: "png" });
     const note = make("Note", "note", { text: spec.note });
     note.title = spec.noteTitle;
     note.color = "#432";

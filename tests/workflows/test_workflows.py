@@ -50,7 +50,12 @@ EXPECTED = {
     },
 }
 NAMES = list(EXPECTED)
-NODE_TYPES = {"ZImageTurboLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboProbe", "SaveImage", "Note"}
+NODE_TYPES = {"ZImageTurboLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboProbe", "ZImageTurboSave",
+              "Note"}
+
+
+def probe_id(graph: dict) -> str:
+    return next(k for k, n in graph.items() if n["class_type"] == "ZImageTurboProbe")
 
 
 def ui_workflow(name: str) -> dict:
@@ -102,7 +107,8 @@ def test_api_twin_has_the_style_settings(name):
     sampler_id = next(k for k, n in graph.items() if n["class_type"] == "ZImageTurboSampler")
     # The probe shows the report of the generation that made its images, carried along the link.
     assert api_node(graph, "ZImageTurboProbe") == {"images": [sampler_id, 0], "report": [sampler_id, 2]}
-    assert api_node(graph, "SaveImage")["filename_prefix"] == name
+    save = api_node(graph, "ZImageTurboSave")
+    assert (save["filename_prefix"], save["format"], save["images"]) == (name, "png", [probe_id(graph), 0])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -162,7 +168,7 @@ def test_api_twin_generates_the_image_the_workflow_describes(comfy, name):
     graph, want = api_workflow(name), EXPECTED[name]
     res = comfy.client.run(graph, timeout=600)
     assert res.status == "success", (res.error or {}).get("exception_message")
-    save_id = next(k for k, n in graph.items() if n["class_type"] == "SaveImage")
+    save_id = next(k for k, n in graph.items() if n["class_type"] == "ZImageTurboSave")
     probe_id = next(k for k, n in graph.items() if n["class_type"] == "ZImageTurboProbe")
     images = res.outputs()[save_id]["images"]
     assert len(images) == 1 and images[0]["filename"].startswith(name)
