@@ -188,7 +188,7 @@ class TurboPipeline:
         if acceleration.compiles_in_background(self.compile_mode, self.device.type):
             if self.warmup.use_compiled(variant):
                 return True, "compiled"
-            self.warmup.request(variant)
+            self.warmup.request(variant, start=False)  # started once this image is done
             st = self.warmup.status()
             if st["state"] == "failed":
                 return False, f"eager (compile failed: {st['error']})"
@@ -342,6 +342,8 @@ class TurboPipeline:
         if report.compiled:
             self._save_compiled()  # only when this run compiled something new
             self.warmup.mark_ready(self.lora_variant())
+        else:
+            self.warmup.start_queued()
         return result
 
     def _denoise_and_decode(self, req, report, lora_rep, t_start, on_step, check_interrupt) -> GenerationResult:

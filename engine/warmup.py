@@ -85,26 +85,42 @@ class CompileWarmup:
             if not self.running:
                 self.state = "off"
 
-    def request(self, variant) -> None:
-        """Compile this variant in the background (idempotent)."""
+    def request(self, variant, start: bool = True) -> None:
+        """Compile this variant in the background (idempotent).
+
+        start=False only queues it: a generation asks this way and starts the thread when its image
+        is done (start_queued), because a compiling thread takes most of the interpreter (the GIL)
+        from an eager generation running beside it: the first image would be several times slower.
+        """
         with self.lock:
-            if self.state == "failed" or variant in self.ready or variant in self.queue:
+            if self.state == "failed" or variant in self.ready:
                 return
+            if variant not in self.queue:
+                self.queue.append(variant)
             if self.state in ("off", "pending"):
                 self.state = "compiling"
-            self.queue.append(variant)
-            if self.running:  # the thread takes it from the queue before it stops
+            if self.running or not start:  # a running thread takes it from the queue before it stops
                 return
-            self.running = True
-            self.done.clear()
-            self.started_at = self.started_at or time.perf_counter()
-            self.thread = threading.Thread(target=self._run, name="zimage-turbo-compile", daemon=True)
-            self.thread.start()
+            self._start()
+
+    def start_queued(self) -> None:
+        with self.lock:
+            if self.queue and not self.running and self.state != "failed":
+                self._start()
+
+    def _start(self) -> None:
+        """Start the thread (the caller holds self.lock)."""
+        self.running = True
+        self.done.clear()
+        self.started_at = self.started_at or time.perf_counter()
+        self.thread = threading.Thread(target=self._run, name="zimage-turbo-compile", daemon=True)
+        self.thread.start()
 
     # ---------------------------------------------------------------- thread
 
     def _run(self) -> None:
         pipe = self.pipe
+        attempts = 0
         try:
             while True:
                 with self.lock:
@@ -120,7 +136,17 @@ class CompileWarmup:
                         self.done.set()
                     log.info("zimage_turbo: compiled in the background in %.1f s", self.seconds)
                     return
-                warm_regions(pipe, everything=not self.ready)
+                try:
+                    warm_regions(pipe, everything=not self.ready)
+                except Exception as exc:  # noqa: BLE001
+                    # A trace can be spoilt by the model changing under it (a LoRA stack building its
+                    # adapter slots meanwhile: dynamo's SpeculationLogDivergence): try again, twice.
+                    attempts += 1
+                    if attempts > 2:
+                        raise
+                    log.info("zimage_turbo: background compile attempt %d failed (%s: %s); trying again",
+                             attempts, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                    continue
                 with self.lock:
                     self.queue.pop(0)
                     # Only what the thread really saw counts as compiled: the LoRA state may have
@@ -130,7 +156,8 @@ class CompileWarmup:
         except Exception as exc:  # noqa: BLE001 - any failure leaves the eager path serving
             with self.lock:
                 self.state = "failed"
-                self.error = f"{type(exc).__name__}: {exc}".strip()[:500]
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                self.error = f"{type(exc).__name__}: {first_line}"[:300]
                 self.queue.clear()
                 self.running = False
                 self.done.set()

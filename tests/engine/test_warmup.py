@@ -137,3 +137,28 @@ def test_unknown_compile_setting_is_refused(tiny, fresh_engine, mode):
 
     with pytest.raises(InvalidSettingError, match="compile setting"):
         get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), CPU, torch.float32, "resident", mode)
+
+
+def test_a_spoilt_trace_is_tried_again(monkeypatch):
+    tries = []
+
+    def flaky(pipe, everything):
+        tries.append(everything)
+        if len(tries) < 3:
+            raise RuntimeError("SpeculationLog diverged at index 10")
+
+    monkeypatch.setattr(warmup, "warm_regions", flaky)
+    w = warmup.CompileWarmup(FakePipe())
+    w.request("base")
+    assert w.wait(5) and w.use_compiled("base") and len(tries) == 3
+
+
+def test_a_generation_only_queues_the_compile_until_its_image_is_done(monkeypatch):
+    started = []
+    monkeypatch.setattr(warmup, "warm_regions", lambda pipe, everything: started.append(time.perf_counter()))
+    w = warmup.CompileWarmup(FakePipe())
+    w.request("base", start=False)
+    time.sleep(0.2)
+    assert started == [] and w.status()["state"] == "compiling"
+    w.start_queued()
+    assert w.wait(5) and len(started) == 1
