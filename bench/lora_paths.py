@@ -61,11 +61,15 @@ def main() -> int:
               "warmup_s": time.perf_counter() - t0, "note": "random weights; compiled bf16; in process", "paths": {}}
     fixed = GenerationRequest("a fixed prompt for the bit check", width=args.size, height=args.size, seed=7)
     base_image = pipe.generate(fixed).images
+    # Is the compiled no-LoRA image reproducible at all in this process? (all_off_bit_identical
+    # below is only meaningful if it is.)
+    result["base_repeatable"] = bool(torch.equal(pipe.generate(fixed).images, base_image))
     for path_name in ("merged", "adapters"):
         pipe.tstate.lora.mode = "merge" if path_name == "merged" else "adapters"
         LORA_FILES.clear()
         gen([LoraSpec(a, 0.8)])  # variant compiled / copies made, outside the figures
         gen([])
+        r["all_off_after_first_lora"] = bool(torch.equal(pipe.generate(fixed).images, base_image))
         r = {}
         r["step_ms_base"] = statistics.median(statistics.median(gen([]).step_s) for _ in range(args.runs)) * 1000
         reps = [gen([LoraSpec(a, 0.8)]) for _ in range(args.runs)]

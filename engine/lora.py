@@ -366,17 +366,27 @@ def _free_bytes(device: torch.device) -> int:
         return 0
 
 
-class LoraManager:
-    """The LoRA state of one transformer, kept in a fixed set of PEFT adapter slots.
+DEVICE_COPIES = 4  # LoRA files kept on the device, ready to merge or to copy into a slot
 
-    Slot i is the PEFT adapter "slot{i}", present on every Linear of the transformer, with
-    one rank for all (LoRAs of lower rank are zero-padded, which changes nothing). A LoRA
-    file is copied into a free slot; strengths are 0-dim tensors updated in place; on/off
-    changes which slots are active. So switching styles, strengths or files never changes
-    the module structure (a compiled transformer does not recompile) and never touches the
-    base weights: with every slot off the base layers run alone, bit-identical to no LoRA.
-    Slots are only rebuilt when more LoRAs are stacked at once than there are slots, or a
-    LoRA has a higher rank than the slots.
+
+class LoraManager:
+    """The LoRA state of one transformer. An active stack runs on one of two paths.
+
+    merged: W = W0 + sum(strength * up @ down) is written into each base weight the stack
+    touches, from a spare copy W0 taken the first time (restored bit for bit when a layer is no
+    longer touched). The module structure never changes, so a compiled transformer never
+    recompiles or re-traces for a LoRA, and a LoRA on costs nothing per step. The files' tensors
+    are kept on the device (the last DEVICE_COPIES files), so a switch or a strength change is one
+    GEMM per layer on the GPU. Chosen when the copies fit in free memory with headroom to spare.
+
+    adapters: the files sit in PEFT adapter slots beside the base layers (two small GEMMs and an
+    add per layer per step). Slot i is the adapter "slot{i}" on every Linear, one rank for all
+    (lower ranks zero-padded); strengths are 0-dim tensors updated in place, so strength and file
+    changes do not recompile. Slots are built the first time this path runs, and rebuilt only for
+    more LoRAs at once or a higher rank than they have.
+
+    With every LoRA off the base weights (untouched, or restored) run alone: bit-identical to
+    never having loaded a LoRA.
     """
 
     def __init__(self, transformer: nn.Module, files: LoraFileCache = LORA_FILES):
@@ -385,19 +395,26 @@ class LoraManager:
         self.modules = linear_modules(transformer)
         # Parsed files are only valid for a model with these exact layers.
         self.signature = hashlib.sha1(repr(sorted(self.modules.items())).encode()).hexdigest()
-        self.slot_rank = 0
-        self.slot_files: list[str | None] = []  # slot -> adapter name of the file it holds
-        self.layers: list[nn.Module] = []  # the PEFT LoRA layers, for quick updates
-        self.layer_names: list[str] = []  # their module paths, in the same order
-        self.current: tuple[tuple[int, float], ...] = ()  # (slot, strength) of the active slots
-        self.rebuilds = 0
+        # The base Linear of every LoRA-able module (PEFT keeps the same object as its base_layer).
+        self.linears: dict[str, nn.Linear] = {
+            n: getattr(transformer.get_submodule(n), "base_layer", transformer.get_submodule(n)) for n in self.modules
+        }
         self.mode = lora_mode_from_env()
         self.allow_merge = True  # False while the transformer's blocks stream (low_vram)
         self.path = ""  # how the current stack runs: merged / adapters / ""
+        self.current: tuple[tuple[str, float], ...] = ()  # (file's adapter name, strength), canonical order
         self.why_adapters = ""
-        self.slot_layers: list[set[int]] = []  # slot -> indices (into self.layers) of the layers its file targets
-        self.originals: dict[int, torch.Tensor] = {}  # layer index -> spare copy of its base weight
-        self.merged: set[int] = set()  # layers whose base weight now holds a merge
+        self._stale = False  # the next apply re-applies even an unchanged stack
+        self.device_copies: OrderedDict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.originals: dict[str, torch.Tensor] = {}  # module -> spare copy of its base weight
+        self.merged: set[str] = set()  # modules whose base weight now holds a merge
+        # adapter slots (built on first use of the adapters path)
+        self.slot_rank = 0
+        self.slot_files: list[str | None] = []  # slot -> adapter name of the file it holds
+        self.layers: list[nn.Module] = []  # the PEFT LoRA layers
+        self.layer_names: list[str] = []
+        self.adapters_enabled = False
+        self.rebuilds = 0
 
     # ------------------------------------------------------------- public
 
@@ -418,35 +435,32 @@ class LoraManager:
             parsed_by_name[name] = parsed
             wanted[name] = strength
 
-        need_rank = max((max(p.ranks) for p in parsed_by_name.values()), default=0)
-        if len(wanted) > len(self.slot_files) or need_rank > self.slot_rank:
-            rank = max(self.slot_rank, -(-need_rank // SLOT_RANK_STEP) * SLOT_RANK_STEP)
-            self._build_slots(max(len(wanted), len(self.slot_files)), rank)
-            report.slots_rebuilt = True
-
-        # Canonical placement: the k active files, ordered by (file name, size), sit in slots 0..k-1.
-        # PEFT sums the adapters' outputs in slot order, so the same stack gives the same bits
-        # whatever ran before it (and on a copy of the files elsewhere: the order uses no path or
-        # mtime), and a compiled model only ever sees the slot lists [slot0..k-1]. A file that has
-        # to move is copied again from its host copy (as fast as a switch).
+        # Canonical order: by (file name, size). Merges sum in this order and adapter slots are
+        # filled in it, so the same stack gives the same bits whatever ran before it (and on a copy
+        # of the files elsewhere: the order uses no path or mtime).
         order = sorted(wanted, key=lambda n: (parsed_by_name[n].path.name, parsed_by_name[n].file_id.size, n))
-        slot_of = {}
-        for slot, name in enumerate(order):
-            if self.slot_files[slot] != name:
-                self._fill_slot(slot, parsed_by_name[name])
-                report.adapters_injected += 1
-            slot_of[name] = slot
-
-        state = tuple((slot_of[n], wanted[n]) for n in order)
-        if state != self.current or report.adapters_injected or (state and not self.path):
-            self._activate(state)
+        state = tuple((n, wanted[n]) for n in order)
+        targets = set().union(*(parsed_by_name[n].targets for n in order)) if order else set()
+        path = ("merged" if self._merge_fits(targets) else "adapters") if state else ""
+        if state != self.current or path != self.path or self._stale:
+            if path == "merged":
+                self._set_adapters([], {})
+                self._merge(state, parsed_by_name, targets)
+            else:
+                self._restore(set(self.merged))
+                if path == "adapters":
+                    self._fill_slots(order, parsed_by_name, report)
+                    self._set_adapters([f"slot{i}" for i in range(len(order))],
+                                       {f"slot{i}": wanted[n] for i, n in enumerate(order)})
+                else:
+                    self._set_adapters([], {})
             report.changed = True
-            self.current = state
+            self.current, self.path, self._stale = state, path, False
         report.path = self.path
         report.why_adapters = self.why_adapters if self.path == "adapters" else ""
         report.active = [
             {"file": parsed_by_name[n].path.name, "strength": s, "format": parsed_by_name[n].format,
-             "layers": len(parsed_by_name[n].targets), "rank": parsed_by_name[n].ranks, "slot": slot_of[n]}
+             "layers": len(parsed_by_name[n].targets), "rank": parsed_by_name[n].ranks, "order": order.index(n)}
             for n, s in wanted.items()
         ]
         report.seconds = time.perf_counter() - t0
@@ -465,38 +479,139 @@ class LoraManager:
         if not allow:
             self.unmerge()
         self.allow_merge = allow
-        self.path = ""  # the next apply chooses the path again
+        self._stale = True  # the next apply chooses the path again
 
     def unmerge(self) -> None:
-        """Put every merged base weight back (exactly) and forget the spare copies; the next apply decides anew."""
+        """Put every merged base weight back (exactly) and forget the spare copies."""
         self._restore(set(self.merged))
         self.originals.clear()
         if self.path == "merged":
-            self.path = ""
+            self._stale = True
 
     def remove_all(self) -> None:
-        """Delete every slot: the transformer holds no adapter at all any more."""
+        """No LoRA at all any more: weights restored, adapter slots deleted, device copies dropped."""
         self.unmerge()
-        for layer in self.layers:
-            for i in range(len(self.slot_files)):
-                layer.delete_adapter(f"slot{i}")
-            layer.enable_adapters(False)
-        self.slot_files, self.layers, self.layer_names, self.current, self.slot_rank = [], [], [], (), 0
-        self.slot_layers, self.path = [], ""
+        self._delete_slots()
+        self.device_copies.clear()
+        self.current, self.path = (), ""
 
     @property
     def slot_count(self) -> int:
         return len(self.slot_files)
 
-    # ------------------------------------------------------------ private
+    # ------------------------------------------------------------ device copies
+
+    def _on_device(self, parsed: ParsedLora) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """module -> (down [r, in], up * alpha / r [out, r]) on the weights' device and dtype, cached."""
+        name = parsed.adapter_name
+        hit = self.device_copies.get(name)
+        if hit is not None:
+            self.device_copies.move_to_end(name)
+            return hit
+        ref = next(iter(self.linears.values())).weight
+        out = {}
+        for module, t in parsed.targets.items():
+            down = t.down.to(device=ref.device, dtype=torch.float32, non_blocking=True)
+            up = t.up.to(device=ref.device, dtype=torch.float32, non_blocking=True) * (t.alpha / t.rank)
+            out[module] = (down.to(ref.dtype), up.to(ref.dtype))  # alpha/rank folded in: scale = strength
+        self.device_copies[name] = out
+        while len(self.device_copies) > DEVICE_COPIES:
+            self.device_copies.popitem(last=False)
+        return out
+
+    # ------------------------------------------------------------ merging
+
+    def _merge_fits(self, targets: set[str]) -> bool:
+        """Merge when allowed and the spare copies still missing fit with headroom to spare."""
+        if self.mode == "adapters":
+            self.why_adapters = f"{LORA_MODE_ENV}=adapters"
+            return False
+        if not self.allow_merge:
+            self.why_adapters = "the transformer streams (low_vram): its weights cannot be merged"
+            return False
+        missing = targets - set(self.originals)
+        need = sum(self.linears[m].weight.numel() * self.linears[m].weight.element_size() for m in missing)
+        if self.mode == "merge" or need == 0:
+            return True
+        free = _free_bytes(self.linears[next(iter(missing))].weight.device)
+        if free >= need + MERGE_HEADROOM_BYTES:
+            return True
+        gib = 1024**3
+        self.why_adapters = (f"merging needs a {need / gib:.1f} GiB copy of the weights it changes; "
+                             f"{free / gib:.1f} GiB is free (with {MERGE_HEADROOM_BYTES / gib:.0f} GiB kept for images)")
+        return False
+
+    def _merge(self, state, parsed_by_name: dict[str, ParsedLora], targets: set[str]) -> None:
+        """W = W0 + sum(strength * up @ down) for every module the stack touches; the others hold W0."""
+        self._restore(self.merged - targets)
+        copies = [(self._on_device(parsed_by_name[n]), s) for n, s in state]
+        with torch.no_grad():
+            for module in sorted(targets):
+                w = self.linears[module].weight
+                w0 = self.originals.get(module)
+                if w0 is None:
+                    w0 = self.originals[module] = w.detach().clone()
+                ups, downs = [], []
+                for tensors, strength in copies:  # canonical order: the same stack gives the same bits
+                    pair = tensors.get(module)
+                    if pair is not None:
+                        downs.append(pair[0])
+                        ups.append(pair[1] * strength)
+                # One GEMM with W0 as its addend: accumulated in fp32, rounded once into W.
+                torch.addmm(w0, torch.cat(ups, dim=1), torch.cat(downs, dim=0), out=w.data)
+                self.merged.add(module)
+
+    def _restore(self, modules: set[str]) -> None:
+        with torch.no_grad():
+            for module in modules:
+                self.linears[module].weight.data.copy_(self.originals[module])
+                self.merged.discard(module)
+
+    # ------------------------------------------------------------ adapter slots
+
+    def _set_adapters(self, active: list[str], strengths: dict[str, float]) -> None:
+        if not active and not self.adapters_enabled:
+            return
+        for layer in self.layers:
+            if not active:
+                # No adapter runs: the PEFT layers call the base layers only.
+                layer.enable_adapters(False)
+                continue
+            layer.enable_adapters(True)
+            try:
+                layer.set_adapter(active, inference_mode=True)
+            except TypeError:  # PEFT before 0.17 has no inference_mode argument
+                layer.set_adapter(active)
+            for name, s in strengths.items():
+                layer.scaling[name].fill_(s)
+        self.adapters_enabled = bool(active)
+
+    def _fill_slots(self, order: list[str], parsed_by_name: dict[str, ParsedLora], report) -> None:
+        need_rank = max(max(parsed_by_name[n].ranks) for n in order)
+        if len(order) > len(self.slot_files) or need_rank > self.slot_rank:
+            rank = max(self.slot_rank, -(-need_rank // SLOT_RANK_STEP) * SLOT_RANK_STEP)
+            self._build_slots(max(len(order), len(self.slot_files)), rank)
+            report.slots_rebuilt = True
+        for slot, name in enumerate(order):
+            if self.slot_files[slot] != name:
+                self._fill_slot(slot, parsed_by_name[name])
+                report.adapters_injected += 1
+
+    def _delete_slots(self) -> None:
+        for layer in self.layers:
+            for i in range(len(self.slot_files)):
+                layer.delete_adapter(f"slot{i}")
+            layer.enable_adapters(False)
+        self.slot_files, self.layers, self.layer_names, self.slot_rank = [], [], [], 0
+        self.adapters_enabled = False
 
     def _build_slots(self, count: int, rank: int) -> None:
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
 
         if self.slot_files:
-            self.remove_all()
-        ref = next(self.transformer.parameters())
+            self._delete_slots()
+        ref = next(iter(self.linears.values())).weight
         pattern = "^(?:" + "|".join(re.escape(n) for n in sorted(self.modules)) + ")$"
         for i in range(count):
             config = LoraConfig(r=rank, lora_alpha=rank, target_modules=pattern, lora_dropout=0.0, bias="none")
@@ -517,109 +632,27 @@ class LoraManager:
                 # A tensor, not a float: changing it in place never recompiles a compiled model.
                 layer.scaling[slot] = torch.zeros((), device=ref.device, dtype=torch.float32)
             layer.enable_adapters(False)
+        self.adapters_enabled = False
         self.slot_files = [None] * count
-        self.slot_layers = [set() for _ in range(count)]
         self.slot_rank = rank
-        self.current = ()
         self.rebuilds += 1
 
     def _fill_slot(self, slot: int, parsed: ParsedLora) -> None:
         name = f"slot{slot}"
-        touched = set()
+        tensors = self._on_device(parsed)
         with torch.no_grad():
-            for index, (layer, module) in enumerate(zip(self.layers, self.layer_names)):
+            for layer, module in zip(self.layers, self.layer_names):
                 a = layer.lora_A[name].weight
                 b = layer.lora_B[name].weight
-                target = parsed.targets.get(module)
-                if target is None:
+                pair = tensors.get(module)
+                if pair is None:
                     a.zero_()
                     b.zero_()
                     continue
-                touched.add(index)
-                r = target.rank
-                a[:r].copy_(target.down)
+                down, up = pair
+                r = down.shape[0]
+                a[:r].copy_(down)
                 a[r:].zero_()
-                b[:, :r].copy_(target.up.float() * (target.alpha / r))  # alpha/rank folded in: scale = strength
+                b[:, :r].copy_(up)
                 b[:, r:].zero_()
         self.slot_files[slot] = parsed.adapter_name
-        self.slot_layers[slot] = touched
-
-    def _activate(self, state: tuple[tuple[int, float], ...]) -> None:
-        if state and self._merge_fits(state):
-            self._set_adapters([], {})
-            self._merge(state)
-            self.path = "merged"
-            return
-        self._restore(set(self.merged))
-        self._set_adapters([f"slot{i}" for i, _ in state], {f"slot{i}": s for i, s in state})
-        self.path = "adapters" if state else ""
-
-    def _set_adapters(self, active: list[str], strengths: dict[str, float]) -> None:
-        for layer in self.layers:
-            if not active:
-                # No adapter runs: the PEFT layers call the base layers only.
-                layer.enable_adapters(False)
-                continue
-            layer.enable_adapters(True)
-            try:
-                layer.set_adapter(active, inference_mode=True)
-            except TypeError:  # PEFT before 0.17 has no inference_mode argument
-                layer.set_adapter(active)
-            for name, s in strengths.items():
-                layer.scaling[name].fill_(s)
-
-    # ------------------------------------------------------------ merging
-
-    def _targets(self, state) -> set[int]:
-        return set().union(*(self.slot_layers[i] for i, _ in state)) if state else set()
-
-    def _merge_fits(self, state) -> bool:
-        """Merge when allowed and the spare copies still missing fit with headroom to spare."""
-        if self.mode == "adapters":
-            self.why_adapters = f"{LORA_MODE_ENV}=adapters"
-            return False
-        if not self.allow_merge:
-            self.why_adapters = "the transformer streams (low_vram): its weights cannot be merged"
-            return False
-        missing = self._targets(state) - set(self.originals)
-        need = sum(self.layers[i].base_layer.weight.numel() * self.layers[i].base_layer.weight.element_size()
-                   for i in missing)
-        if self.mode == "merge" or need == 0:
-            return True
-        device = self.layers[next(iter(missing))].base_layer.weight.device
-        free = _free_bytes(device)
-        if free >= need + MERGE_HEADROOM_BYTES:
-            return True
-        gib = 1024**3
-        self.why_adapters = (f"merging needs a {need / gib:.1f} GiB copy of the weights it changes; "
-                             f"{free / gib:.1f} GiB is free (with {MERGE_HEADROOM_BYTES / gib:.0f} GiB kept for images)")
-        return False
-
-    def _merge(self, state) -> None:
-        """W = W0 + sum(strength * up @ down) for every layer the stack touches; the others hold W0."""
-        targets = self._targets(state)
-        self._restore(self.merged - targets)
-        with torch.no_grad():
-            for index in sorted(targets):
-                layer = self.layers[index]
-                w = layer.base_layer.weight
-                w0 = self.originals.get(index)
-                if w0 is None:
-                    w0 = self.originals[index] = w.detach().clone()
-                ups, downs = [], []
-                for slot, strength in state:  # canonical slot order: the same stack gives the same bits
-                    if index in self.slot_layers[slot]:
-                        name = f"slot{slot}"
-                        ups.append(layer.lora_B[name].weight * strength)
-                        downs.append(layer.lora_A[name].weight)
-                up = torch.cat(ups, dim=1).to(w.dtype)
-                down = torch.cat(downs, dim=0).to(w.dtype)
-                # One GEMM with W0 as its addend: accumulated in fp32, rounded once into W.
-                torch.addmm(w0, up, down, out=w.data)
-                self.merged.add(index)
-
-    def _restore(self, layers: set[int]) -> None:
-        with torch.no_grad():
-            for index in layers:
-                self.layers[index].base_layer.weight.data.copy_(self.originals[index])
-                self.merged.discard(index)
