@@ -15,7 +15,7 @@ from pathlib import Path
 
 import folder_paths
 
-from ..engine.errors import ModelFileError
+from ..engine.api import ModelFileError
 
 DIFFUSERS_PREFIX = "[diffusers] "
 NONE_FOUND = "(none found)"

@@ -18,13 +18,12 @@ import comfy.model_patcher
 import comfy.utils
 from comfy.patcher_extension import CallbacksMP
 
-from ..engine import compile_cache
-from ..engine import pipeline as engine_pipeline
+from ..engine import api
 from . import comfy_paths
 
 log = logging.getLogger("zimage_turbo")
-# ZIMAGE_TURBO_CACHE_DIR, when set, wins over this (compile_cache.folder()).
-compile_cache.configure(comfy_paths.compile_cache_dir())
+# ZIMAGE_TURBO_CACHE_DIR, when set, wins over this (engine/compile_cache.py).
+api.configure_compile_cache(comfy_paths.compile_cache_dir())
 
 
 def device_choices() -> list[str]:
@@ -54,7 +53,7 @@ class _PipelineStandIn(torch.nn.Module):
 class PipelinePatcher(comfy.model_patcher.ModelPatcher):
     """Reports the pipeline's size as loaded; never moves weights itself."""
 
-    def __init__(self, pipe: engine_pipeline.TurboPipeline, size: int):
+    def __init__(self, pipe: api.TurboPipeline, size: int):
         super().__init__(_PipelineStandIn(), load_device=pipe.device, offload_device=torch.device("cpu"), size=size)
         self.model.model_loaded_weight_memory = size
         self.pipe_ref = weakref.ref(pipe)
@@ -79,17 +78,17 @@ def _on_detach(patcher: PipelinePatcher, unpatch_all: bool) -> None:
     # We are inside ComfyUI's free_memory loop: only drop references here. No gc.collect() and
     # the patcher stays alive, because a finalizer running now would edit the list ComfyUI is
     # iterating (and stop its prompt worker).
-    engine_pipeline.release_pipeline(pipe, collect=False)
+    api.release(pipe, wait=False, collect=False)
 
 
 _PATCHERS: dict[int, PipelinePatcher] = {}
 
 
-def pipeline_bytes(pipe: engine_pipeline.TurboPipeline) -> int:
+def pipeline_bytes(pipe: api.TurboPipeline) -> int:
     return sum(p.numel() * p.element_size() for m in (pipe.transformer, pipe.text_encoder, pipe.vae) for p in m.parameters())
 
 
-def register_with_model_manager(pipe: engine_pipeline.TurboPipeline) -> None:
+def register_with_model_manager(pipe: api.TurboPipeline) -> None:
     """Tell ComfyUI this pipeline is loaded (again, after an unload); cheap when already known."""
     for key, old in list(_PATCHERS.items()):  # patchers of released pipelines, safe to drop here
         if old.pipe_ref() is None:

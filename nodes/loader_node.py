@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from ..engine.acceleration import COMPILE_MODES
-from ..engine.errors import ZImageError
-from ..engine.loading import DiffusersFolder, SplitFiles, resolve_device, resolve_dtype
-from ..engine.pipeline import MEMORY_MODES
+from ..engine.api import (COMPILE_MODES, MEMORY_MODES, DiffusersFolder, SplitFiles, ZImageError, resolve_device,
+                          resolve_dtype)
 from . import comfy_paths, comfy_runtime
 from .constants import CATEGORY, PIPE_TYPE
 from .pipe_handle import PipeHandle

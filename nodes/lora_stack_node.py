@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..engine.errors import InvalidSettingError, ZImageError
-from ..engine.lora import LoraSpec, check_strength, combine_stack
+from ..engine.api import InvalidSettingError, LoraSpec, ZImageError, check_strength, combine_stack
 from . import comfy_paths
 from .constants import CATEGORY, LORA_STACK_TYPE
 

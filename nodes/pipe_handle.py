@@ -11,15 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.loading import ModelSource
-from ..engine.pipeline import TurboPipeline, get_pipeline
+from ..engine import api
 from . import comfy_runtime
 
 
 
 @dataclass(eq=False)
 class PipeHandle:
-    source: ModelSource
+    source: api.ModelSource
     device: torch.device
     dtype: torch.dtype
     memory: str
@@ -30,7 +29,11 @@ class PipeHandle:
         return (f"ZImageTurboPipe({self.source.describe()}, {self.device}, {str(self.dtype).replace('torch.', '')}, "
                 f"{self.memory}, compile={self.compile_mode})")
 
-    def get(self) -> TurboPipeline:
-        pipe = get_pipeline(self.source, self.device, self.dtype, self.memory, self.compile_mode)
+    def get(self) -> api.TurboPipeline:
+        pipe = api.load(self.source, self.device, self.dtype, self.memory, self.compile_mode)
         comfy_runtime.register_with_model_manager(pipe)
         return pipe
+
+    def peek(self) -> api.TurboPipeline | None:
+        """The pipeline if it is loaded, else None: never loads (20 GB) just to show something."""
+        return api.find(self.source, self.device, self.dtype)

@@ -27,10 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
 
-from ..engine import pipeline as engine_pipeline
-from ..engine.acceleration import COMPILE_MODES
-from ..engine.errors import ZImageError
-from ..engine.pipeline import MEMORY_MODES
+from ..engine import api
+from ..engine.api import COMPILE_MODES, MEMORY_MODES, ZImageError
 from . import comfy_paths
 
 log = logging.getLogger("zimage_turbo")
@@ -232,7 +230,7 @@ def load_pipeline(settings: dict):
                                     settings["device"])
     # In inference mode, as ComfyUI runs the loader node: the weights are the same kind of tensors either way.
     with torch.inference_mode():
-        pipe = engine_pipeline.get_pipeline(source, device, dtype, settings["memory"], settings["compile"])
+        pipe = api.load(source, device, dtype, settings["memory"], settings["compile"])
     # The weights were read now, not by the first generation: its report must not say it loaded them.
     with pipe.lock:
         pipe.pending_loads.clear()
@@ -250,16 +248,8 @@ def compile_status(pipe) -> dict | None:
 
 
 def loaded_pipelines() -> list:
-    """The engine's cached pipelines, without waiting for a load in progress.
-
-    engine.pipeline.cached_pipelines() takes the registry lock, which get_pipeline holds while it
-    reads weights (seconds to minutes): the status route runs on the server's event loop and must
-    answer at once, "loading" included. A copy of the registry's values is one step under the GIL.
-    """
-    registry = getattr(engine_pipeline, "_PIPELINES", None)
-    if registry is None:
-        return engine_pipeline.cached_pipelines()
-    return list(registry.values())
+    """The engine's loaded pipelines, without waiting for a load in progress (api.loaded never does)."""
+    return [st.pipe for st in api.loaded()]
 
 
 def _is_cached(pipe) -> bool:

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from ..engine import device_stats
+from ..engine import api
 from .constants import CATEGORY, PIPE_TYPE, REPORT_TYPE
 
 
@@ -49,13 +49,14 @@ class ZImageTurboProbe:
         note = ""
         if report is None and pipe is not None:
             # Saved before the sampler had a report output: the pipeline's last generation.
-            report = pipe.get().last_report
+            loaded = pipe.peek()  # a released pipeline is not loaded again just for its old report
+            report = loaded.last_report if loaded is not None else None
             note = ("(last generation on this pipeline: connect the sampler's report output to this probe for the "
                     "figures of these very images)\n")
         if report is None:
             text = "No report: connect the sampler's report output to this probe."
             device = pipe.device if pipe is not None else "cpu"
-            data = {"device": str(device), "nvml": device_stats.nvml_snapshot(device)}
+            data = {"device": str(device), "nvml": api.nvml_snapshot(device)}
             chart = torch.zeros((1, 64, 64, 3))
         else:
             text = note + report.to_text()

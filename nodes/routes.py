@@ -14,37 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..engine import pipeline as engine_pipeline
-from ..engine.loading import DTYPE_NAMES
+from ..engine import api
 from . import preload
 
 
 def status() -> dict:
     pipes = []
-    for p in preload.loaded_pipelines():  # never waits for a load in progress: this runs on the event loop
-        weights = sum(t.numel() * t.element_size() for m in (p.transformer, p.text_encoder, p.vae) for t in m.parameters())
-        pipes.append({
-            "source": p.comps.source.describe(),
-            "device": str(p.device),
-            "dtype": DTYPE_NAMES[p.dtype],
-            "memory": p.memory,
-            "compile": p.compile_mode,
-            "weight_bytes": weights,
-            "lora_slots": p.tstate.lora.slot_count,
-            "last_total_s": p.last_report.total_s if p.last_report else None,
-            "preloaded": preload.PRELOADER.preloaded(p),
-        })
-        cs = preload.compile_status(p)
-        if cs is not None:
-            pipes[-1]["compile_status"] = cs
+    for st in api.loaded():  # never waits for a load in progress: this runs on the event loop
+        pipes.append({**st.to_dict(), "preloaded": preload.PRELOADER.preloaded(st.pipe)})
     return {"pipelines": pipes, "preload": preload.PRELOADER.status()}
 
 
 def free_all() -> None:
     """Release every pipeline, each once no generation is running on it."""
-    for pipe in engine_pipeline.cached_pipelines():
-        with pipe.lock:
-            engine_pipeline.release_pipeline(pipe)
+    for st in api.loaded():
+        api.release(st.pipe)
 
 
 def register() -> None:

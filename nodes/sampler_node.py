@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine.pipeline import GenerationRequest
+from ..engine.api import GenerationRequest
 from . import comfy_runtime
 from .constants import CATEGORY, LORA_STACK_TYPE, PIPE_TYPE, REPORT_TYPE
 

@@ -13,8 +13,7 @@ import time
 
 import folder_paths
 
-from ..engine import image_files
-from ..engine.errors import ZImageError
+from ..engine.api import ZImageError, image_files
 from .constants import CATEGORY
 
 DEFAULT_PREFIX = "ZImage"

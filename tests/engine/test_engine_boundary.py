@@ -33,3 +33,33 @@ def test_the_check_catches_an_upward_import(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("import os\nfrom ..nodes import loader_node\nimport folder_paths\nfrom comfy.utils import x\n")
     assert [m for _, m in imported_roots(sample)] == ["os", "..nodes", "folder_paths", "comfy"]
+
+
+NODES = ENGINE.parent / "nodes"
+
+
+def engine_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, engine module) for every `from ..engine[.x] import ...` of a node-layer file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 2 and (node.module or "").startswith("engine"):
+            if node.module == "engine":
+                out += [(node.lineno, f"engine.{alias.name}") for alias in node.names]
+            else:
+                out.append((node.lineno, node.module))
+    return out
+
+
+def test_the_node_layer_uses_the_engine_api_alone():
+    """Nodes and routes go through engine/api.py, never into the engine's internals."""
+    files = sorted(NODES.glob("*.py"))
+    used = [(f.name, line, mod) for f in files for line, mod in engine_imports(f)]
+    assert used, "the node layer should use the engine"
+    assert [u for u in used if u[2] != "engine.api"] == []
+
+
+def test_the_api_names_what_it_exports():
+    import engine.api as api
+
+    missing = [name for name in api.__all__ if not hasattr(api, name)]
+    assert missing == []

@@ -1,7 +1,8 @@
-"""The four nodes called directly, with only ComfyUI's modules stood in for (see conftest.py)."""
+"""The nodes called directly, with only ComfyUI's modules stood in for (see conftest.py)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
@@ -88,6 +89,11 @@ def test_two_samplers_on_one_loader_each_hand_their_own_report_to_their_probe(pa
     old = probe.probe(img_a, pipe=pipe)
     assert old["ui"]["zimage_probe"][0]["seed"] == 2 and old["ui"]["text"][0].startswith("(last generation")
     assert "No report" in probe.probe(img_a)["ui"]["text"][0]
+    # After an unload, the old-workflow fallback does not load 20 GB again just to show a report.
+    api = importlib.import_module(pack.__name__ + ".engine.api")
+    api.release_all()
+    assert "No report" in probe.probe(img_a, pipe=pipe)["ui"]["text"][0]
+    assert api.loaded() == []
 
 
 def test_the_sampler_runs_with_its_own_loaders_settings(pack, tiny):

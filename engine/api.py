@@ -1,0 +1,108 @@
+"""The engine's public face: what the ComfyUI nodes, the routes and tools use, and nothing else of it.
+
+    pipe = api.load(source, device, dtype, memory, compile_mode)   # cached per files/dtype/device
+    result = pipe.generate(api.GenerationRequest(...), loras=[api.LoraSpec(path, 0.8)])
+    api.loaded()          # one PipelineStatus per loaded pipeline, without waiting for a load
+    api.find(source, device, dtype)   # the loaded pipeline for these files, or None (never loads)
+    api.release(pipe) / api.release_all()
+
+Everything a caller needs to name (sources, settings, requests, errors, reports) is re-exported
+here, so a caller never imports the engine's internal modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import pipeline as _pipeline
+from .acceleration import COMPILE_MODES
+from .errors import (InvalidSettingError, LoraKeyError, ModelFileError, NonFiniteError, OutOfMemoryError,
+                     ZImageError)
+from .loading import DTYPE_NAMES, DiffusersFolder, ModelSource, SplitFiles, resolve_device, resolve_dtype
+from .lora import LoraSpec, check_strength, combine_stack
+from .pipeline import MEMORY_MODES, GenerationRequest, GenerationResult, TurboPipeline
+from .compile_cache import configure as configure_compile_cache
+from .device_stats import nvml_snapshot
+from .report import RunReport
+from . import image_files
+
+__all__ = [
+    "COMPILE_MODES", "DTYPE_NAMES", "MEMORY_MODES", "DiffusersFolder", "GenerationRequest", "GenerationResult",
+    "InvalidSettingError", "LoraKeyError", "LoraSpec", "ModelFileError", "ModelSource", "NonFiniteError",
+    "OutOfMemoryError", "PipelineStatus", "RunReport", "SplitFiles", "TurboPipeline", "ZImageError",
+    "check_strength", "combine_stack", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "loaded", "release", "release_all", "resolve_device",
+    "resolve_dtype",
+]
+
+
+@dataclass(frozen=True)
+class PipelineStatus:
+    """What a status page shows of one loaded pipeline (file names relative to their model folders)."""
+
+    source: str
+    device: str
+    dtype: str
+    memory: str
+    compile: str
+    compile_status: dict
+    weight_bytes: int
+    lora_path: str
+    lora_slots: int
+    last_total_s: float | None
+    pipe: TurboPipeline
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "device": self.device, "dtype": self.dtype, "memory": self.memory,
+                "compile": self.compile, "compile_status": self.compile_status, "weight_bytes": self.weight_bytes,
+                "lora_path": self.lora_path, "lora_slots": self.lora_slots, "last_total_s": self.last_total_s}
+
+
+def load(source: ModelSource, device: torch.device, dtype: torch.dtype, memory: str = "resident",
+         compile_mode: str = "auto") -> TurboPipeline:
+    """The cached pipeline for these files/dtype/device, loading what is missing."""
+    return _pipeline.get_pipeline(source, device, dtype, memory, compile_mode)
+
+
+def _snapshot() -> list[TurboPipeline]:
+    # The registry's lock is held for a whole load (seconds to minutes); a status page must answer
+    # at once, "loading" included. Copying the values is one step under the GIL.
+    return list(_pipeline._PIPELINES.values())
+
+
+def loaded() -> list[PipelineStatus]:
+    out = []
+    for p in _snapshot():
+        weights = sum(t.numel() * t.element_size() for m in (p.transformer, p.text_encoder, p.vae)
+                      for t in m.parameters())
+        out.append(PipelineStatus(
+            source=p.comps.source.describe(), device=str(p.device), dtype=DTYPE_NAMES[p.dtype], memory=p.memory,
+            compile=p.compile_mode, compile_status=p.compile_status(), weight_bytes=weights,
+            lora_path=p.tstate.lora.path, lora_slots=p.tstate.lora.slot_count,
+            last_total_s=p.last_report.total_s if p.last_report else None, pipe=p))
+    return out
+
+
+def find(source: ModelSource, device: torch.device, dtype: torch.dtype) -> TurboPipeline | None:
+    """The loaded pipeline for these files, dtype and device, or None: never loads anything."""
+    for p in _snapshot():
+        if p.comps.source == source and p.device == device and p.dtype == dtype:
+            return p
+    return None
+
+
+def release(pipe: TurboPipeline, wait: bool = True, collect: bool = True) -> int:
+    """Forget this pipeline and the components no other one uses.
+
+    wait: after its running generation (its lock). collect=False skips gc.collect(), and wait=False
+    the lock, for callers inside someone else's bookkeeping (ComfyUI's unload loop).
+    """
+    if not wait:
+        return _pipeline.release_pipeline(pipe, collect=collect)
+    with pipe.lock:
+        return _pipeline.release_pipeline(pipe, collect=collect)
+
+
+def release_all() -> int:
+    return _pipeline.release_all()
