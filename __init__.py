@@ -1,7 +1,8 @@
 """Z-Image-Turbo for ComfyUI: Turbo loader, LoRA stack, fast 8-step sampler, VRAM/latency probe.
 
-ComfyUI imports this file from custom_nodes/<this folder>/. The work happens in
-engine/ (no ComfyUI inside); nodes/ adapts it to ComfyUI; web/ is the front end.
+ComfyUI imports this file from custom_nodes/<this folder>/. The shipped code is the package
+zimage_turbo/: its engine/ does the work (no ComfyUI inside), its nodes/ adapt it to ComfyUI;
+web/ is the front end.
 """
 
 import logging
@@ -9,7 +10,7 @@ import logging
 WEB_DIRECTORY = "./web"
 
 try:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .zimage_turbo.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 except ImportError as exc:  # a missing dependency must not take ComfyUI down with it
     logging.getLogger("zimage_turbo").error(
         "Z-Image Turbo nodes are disabled: %s. Install them with: pip install -r requirements.txt "
@@ -18,7 +19,7 @@ except ImportError as exc:  # a missing dependency must not take ComfyUI down wi
     NODE_CLASS_MAPPINGS = {}
     NODE_DISPLAY_NAME_MAPPINGS = {}
 else:
-    from .nodes.preload import start_with_server
+    from .zimage_turbo.nodes.preload import start_with_server
 
     start_with_server()  # opt-in (ZIMAGE_TURBO_PRELOAD or user/zimage_turbo_preload.json); never raises, never blocks
 

@@ -1085,7 +1085,7 @@ def render_markdown(r: dict) -> str:
 
 def tiny_bench_setup(workdir: Path) -> soak.ModelSetup:
     """The tiny model and two tiny LoRAs: one diffusers-format, one kohya-format (as bench/build_model.py)."""
-    from engine import model_builder
+    from devtools import model_builder
 
     loras = []
     for name, fmt, seed in (("style_a_r4", "diffusers", 1), ("style_b_r4", "kohya_split", 2)):

@@ -4,7 +4,7 @@
 # wheel, builds the true-size random model, then runs what is asked:
 #   bench/gpu_run.sh tests     GPU test suite (pytest -m gpu), tiny + true-size budgets
 #   bench/gpu_run.sh bench [run_bench.py args...]
-#   bench/gpu_run.sh check     python -m engine check on the true-size files (header only)
+#   bench/gpu_run.sh check     python -m zimage_turbo check on the true-size files (header only)
 #   bench/gpu_run.sh soak:ARGS bench/soak.py --root <model> ARGS (commas for spaces), results to $OUT
 #   bench/gpu_run.sh determinism  compiled images in several processes, cold vs cached compile caches
 #   bench/gpu_run.sh lora      bench/lora_paths.py: LoRA cost per step / switch, merged vs adapters
@@ -52,7 +52,7 @@ for what in "$@"; do
                 | tee $OUT/gpu_tests.log | grep -E "passed|failed|PASSED|FAILED|ERROR|Error" | tail -25
             ;;
         check)
-            python3 -m engine check $ROOT/diffusion_models/*.safetensors $ROOT/text_encoders/*.safetensors \
+            python3 -m zimage_turbo check $ROOT/diffusion_models/*.safetensors $ROOT/text_encoders/*.safetensors \
                 $ROOT/vae/*.safetensors $ROOT/loras/*.safetensors 2>&1 | tee $OUT/check.log
             ;;
         soak:*)
@@ -65,7 +65,7 @@ for what in "$@"; do
             d=/tmp/det; rm -rf $d; mkdir -p $d
             run_det() { TORCHINDUCTOR_CACHE_DIR=$d/$2 ZIMAGE_TURBO_CACHE_DIR=$d/$3 \
                 python3 bench/determinism_check.py $1 $4 $d/model 2>>$OUT/determinism.err | tee -a $OUT/determinism.log; }
-            python3 -c "import sys; sys.path.insert(0, '.'); from engine import model_builder as m; m.build_random_model('$d/model', 'zit_tiny', m.TINY, seed=0)" 2>>$OUT/determinism.err
+            python3 -c "import sys; sys.path.insert(0, '.'); from devtools import model_builder as m; m.build_random_model('$d/model', 'zit_tiny', m.TINY, seed=0)" 2>>$OUT/determinism.err
             run_det cold1 indA blobA ab; run_det cold2 indB blobB ab; run_det cachedA indA blobA ab
             run_det blobOnly indC blobA ab; run_det cachedA_ba indA blobA ba
             ;;

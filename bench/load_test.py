@@ -721,7 +721,7 @@ def tiny_server():
 
     sys.path.insert(0, str(REPO))
     from comfy_client import ComfyServer, place_tiny_model
-    from engine import model_builder
+    from devtools import model_builder
 
     with tempfile.TemporaryDirectory(prefix="zimage_load_") as tmp:
         built = model_builder.build_random_model(Path(tmp) / "model", "zit_tiny", model_builder.TINY, seed=0)

@@ -25,10 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine import pipeline as engine_pipeline  # noqa: E402
-from engine.loading import SplitFiles  # noqa: E402
-from engine.lora import LORA_FILES, LoraSpec  # noqa: E402
-from engine.pipeline import GenerationRequest, get_pipeline  # noqa: E402
+from zimage_turbo.engine import pipeline as engine_pipeline  # noqa: E402
+from zimage_turbo.engine.loading import SplitFiles  # noqa: E402
+from zimage_turbo.engine.lora import LORA_FILES, LoraSpec  # noqa: E402
+from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline  # noqa: E402
 
 
 def main() -> int:
@@ -69,8 +69,7 @@ def main() -> int:
         LORA_FILES.clear()
         gen([LoraSpec(a, 0.8)])  # variant compiled / copies made, outside the figures
         gen([])
-        r["all_off_after_first_lora"] = bool(torch.equal(pipe.generate(fixed).images, base_image))
-        r = {}
+        r = {"all_off_after_first_lora": bool(torch.equal(pipe.generate(fixed).images, base_image))}
         r["step_ms_base"] = statistics.median(statistics.median(gen([]).step_s) for _ in range(args.runs)) * 1000
         reps = [gen([LoraSpec(a, 0.8)]) for _ in range(args.runs)]
         assert all(x.lora_path == path_name for x in reps), [x.lora_path for x in reps]

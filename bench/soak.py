@@ -143,7 +143,7 @@ def tiny_setup(workdir: Path, built=None, lora_paths=None) -> ModelSetup:
     """The tiny model (real classes, random weights) under the real file names, plus one LoRA per key format.
 
     `built` / `lora_paths`: reuse what tests/conftest.py's `tiny` fixture built instead of building again."""
-    from engine import model_builder
+    from devtools import model_builder
 
     if built is None:
         built = model_builder.build_random_model(Path(workdir) / "tiny", "zit_tiny", model_builder.TINY, seed=0)
@@ -183,7 +183,7 @@ def root_setup(root: Path, workdir: Path, min_loras: int = 3) -> ModelSetup:
     if len(loras) < min_loras:
         import torch
 
-        from engine import model_builder
+        from devtools import model_builder
 
         sizes = model_builder.TINY if manifest.get("tiny") else model_builder.FULL
         info = next(iter(manifest.get("loras", {}).values()), {"rank": 32})

@@ -361,7 +361,7 @@ def front_end_args(folder: Path, python: str = sys.executable) -> list[str]:
 
 
 def place_tiny_model(models_dir: Path, built, lora_files=()) -> dict:
-    """Copy a tiny model (engine.model_builder.BuiltModel) into ComfyUI's model folders."""
+    """Copy a tiny model (devtools.model_builder.BuiltModel) into ComfyUI's model folders."""
     models_dir = Path(models_dir)
     names = {
         "model": built.transformer_file.name,

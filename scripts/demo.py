@@ -29,7 +29,7 @@ def choose_model(models: Path) -> tuple[dict, bool]:
                   (("model", "diffusion_models"), ("text_encoder", "text_encoders"), ("vae", "vae")))
     if present:
         return dict(REAL), True
-    from engine import model_builder
+    from devtools import model_builder
 
     print("[demo] real Z-Image-Turbo files not found in", models)
     print("[demo] building the tiny random-weight model (real architecture, images are noise)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "tests"))
 
-from engine import model_builder  # noqa: E402
-from engine.model_builder import LORA_FORMATS, TINY  # noqa: E402
+from devtools import model_builder
+from devtools.model_builder import LORA_FORMATS, TINY
 
-from model_names import MODEL, STYLE_LORAS, TEXT_ENCODER, VAE  # noqa: E402
+from model_names import MODEL, STYLE_LORAS, TEXT_ENCODER, VAE
 
 torch.set_num_threads(2)
 
@@ -47,7 +43,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture()
 def fresh_engine():
     """Each test that needs it starts with empty engine caches (and leaves them empty)."""
-    from engine import pipeline
+    from zimage_turbo.engine import pipeline
 
     pipeline.release_all()
     yield

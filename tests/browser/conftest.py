@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from comfy_page import CHROMIUM, INIT_SCRIPT, VIEWPORT, ComfyPage, launch_chromium, prepare_server  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""`python -m engine check`: what a file is and whether the engine would use it, from the command line."""
+"""`python -m zimage_turbo check`: what a file is and whether the engine would use it, from the command line."""
 
 import json
 import os
@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import check, key_maps
-from engine.__main__ import main
-from engine.check import check_file, reference_from, released_reference, transformer_layers
-from engine.errors import ZImageError
-from engine.lora import linear_modules
-from engine.model_builder import LORA_FORMATS, TINY
-from engine.model_config import TRANSFORMER_CONFIG
+from zimage_turbo.engine import check, key_maps
+from zimage_turbo.engine.__main__ import main
+from zimage_turbo.engine.check import check_file, reference_from, released_reference, transformer_layers
+from zimage_turbo.engine.errors import ZImageError
+from zimage_turbo.engine.lora import linear_modules
+from devtools.model_builder import LORA_FORMATS, TINY
+from zimage_turbo.engine.model_config import TRANSFORMER_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 FORMAT_NAMES = {
@@ -61,7 +61,7 @@ def header_only_file(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]
 def meta_transformer(cfg):
     from diffusers import ZImageTransformer2DModel
 
-    from engine.loading import params_on_meta
+    from zimage_turbo.engine.loading import params_on_meta
 
     with params_on_meta():
         return ZImageTransformer2DModel(**cfg)
@@ -247,7 +247,7 @@ def test_exit_codes_and_json(tiny, capsys):
 def test_python_dash_m_engine_check_runs(tiny):
     """The real entry point, as a user runs it from the node pack's folder."""
     built = tiny["built"]
-    cmd = [sys.executable, "-m", "engine", "check", str(tiny["loras"]["kohya_fused"][0]), str(tiny["foreign_lora"]),
+    cmd = [sys.executable, "-m", "zimage_turbo", "check", str(tiny["loras"]["kohya_fused"][0]), str(tiny["foreign_lora"]),
            "--model", str(built.transformer_file)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)

@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-ENGINE = Path(__file__).resolve().parents[2] / "engine"
+ENGINE = Path(__file__).resolve().parents[2] / "zimage_turbo" / "engine"
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "execution",
                  "nodes", "node_helpers", "latent_preview", "app"}
 
@@ -59,7 +59,7 @@ def test_the_node_layer_uses_the_engine_api_alone():
 
 
 def test_the_api_names_what_it_exports():
-    import engine.api as api
+    import zimage_turbo.engine.api as api
 
     missing = [name for name in api.__all__ if not hasattr(api, name)]
     assert missing == []

@@ -4,9 +4,9 @@ import types
 import numpy as np
 import torch
 
-from engine import device_stats
-from engine.loading import DiffusersFolder
-from engine.pipeline import GenerationRequest, get_pipeline
+from zimage_turbo.engine import device_stats
+from zimage_turbo.engine.loading import DiffusersFolder
+from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
 
 
 def test_report_text_json_and_chart(tiny, fresh_engine):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine import safetensors_io
-from engine.errors import ModelFileError
-from engine.safetensors_io import list_tensors, load_entries, load_file, read_header, refuse_pickle
+from zimage_turbo.engine import safetensors_io
+from zimage_turbo.engine.errors import ModelFileError
+from zimage_turbo.engine.safetensors_io import list_tensors, load_entries, load_file, read_header, refuse_pickle
 
 
 @pytest.fixture()

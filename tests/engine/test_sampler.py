@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from engine.errors import InvalidSettingError
-from engine.loading import DiffusersFolder
-from engine.pipeline import GenerationRequest, get_pipeline
+from zimage_turbo.engine.errors import InvalidSettingError
+from zimage_turbo.engine.loading import DiffusersFolder
+from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
 
 CPU = torch.device("cpu")
 

@@ -6,10 +6,10 @@ import time
 import pytest
 import torch
 
-from engine import compile_cache, warmup
-from engine.loading import DiffusersFolder
-from engine.lora import LoraSpec
-from engine.pipeline import GenerationRequest, get_pipeline
+from zimage_turbo.engine import compile_cache, warmup
+from zimage_turbo.engine.loading import DiffusersFolder
+from zimage_turbo.engine.lora import LoraSpec
+from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
 
 CPU = torch.device("cpu")
 REQ = GenerationRequest("a lighthouse at dusk, 灯塔", width=64, height=48, seed=5)
@@ -133,7 +133,7 @@ def test_compile_cache_ignores_a_damaged_blob(tmp_path, monkeypatch, caplog):
 
 @pytest.mark.parametrize("mode", ["fast", ""])
 def test_unknown_compile_setting_is_refused(tiny, fresh_engine, mode):
-    from engine.errors import InvalidSettingError
+    from zimage_turbo.engine.errors import InvalidSettingError
 
     with pytest.raises(InvalidSettingError, match="compile setting"):
         get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), CPU, torch.float32, "resident", mode)

@@ -90,7 +90,7 @@ def test_two_samplers_on_one_loader_each_hand_their_own_report_to_their_probe(pa
     assert old["ui"]["zimage_probe"][0]["seed"] == 2 and old["ui"]["text"][0].startswith("(last generation")
     assert "No report" in probe.probe(img_a)["ui"]["text"][0]
     # After an unload, the old-workflow fallback does not load 20 GB again just to show a report.
-    api = importlib.import_module(pack.__name__ + ".engine.api")
+    api = importlib.import_module(pack.__name__ + ".zimage_turbo.engine.api")
     api.release_all()
     assert "No report" in probe.probe(img_a, pipe=pipe)["ui"]["text"][0]
     assert api.loaded() == []

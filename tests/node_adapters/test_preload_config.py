@@ -15,7 +15,7 @@ DEFAULTS = {"model": MODEL, "text_encoder": TEXT_ENCODER, "vae": VAE, "dtype": "
 
 @pytest.fixture()
 def pre(pack):
-    return pack.nodes.preload
+    return pack.zimage_turbo.nodes.preload
 
 
 # ------------------------------------------------------------------ config
@@ -323,7 +323,7 @@ def test_a_loader_with_the_same_settings_picks_up_the_preloaded_pipeline(pack, p
     code, _ = pre.request_from_body(b"")  # an empty body: the configured preload
     assert code == 202
     assert pre.PRELOADER.wait(60)
-    routes = pack.nodes.routes
+    routes = pack.zimage_turbo.nodes.routes
     st = routes.status()
     assert st["preload"]["state"] == "ready", st["preload"]
     assert st["preload"]["config"] == "ZIMAGE_TURBO_PRELOAD (inline JSON)"
@@ -346,7 +346,7 @@ def test_a_missing_file_fails_the_preload_naming_it_relative_to_its_folder(pack,
     code, _ = pre.request_from_body(json.dumps({"vae": "missing_vae.safetensors"}).encode())
     assert code == 202
     assert pre.PRELOADER.wait(60)
-    st = pack.nodes.routes.status()
+    st = pack.zimage_turbo.nodes.routes.status()
     assert st["preload"]["state"] == "failed"
     assert "missing_vae.safetensors was not found in models/vae" in st["preload"]["error"]
     assert str(pack.models) not in json.dumps(st)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.image_files import read_metadata
+from zimage_turbo.engine.image_files import read_metadata
 
 PROMPT = {"5": {"class_type": "ZImageTurboSave", "inputs": {"filename_prefix": "ZImage"}}}
 WORKFLOW = {"nodes": [{"id": 5, "type": "ZImageTurboSave"}], "version": 0.4}
@@ -105,7 +105,7 @@ def test_prefixes_that_leave_the_output_folder_are_an_error_when_the_node_runs(s
 
 
 def test_prefixes_inside_the_output_folder_pass(saver, pack):
-    problem = sys.modules[pack.__name__ + ".nodes.save_node"].prefix_problem
+    problem = sys.modules[pack.__name__ + ".zimage_turbo.nodes.save_node"].prefix_problem
     for prefix in ("ZImage", "a/b/ZImage", "a/../ZImage", "%year%-%month%/z", "./z"):
         assert problem(prefix) is None
     # Not refused when queued: ComfyUI would drop the save and still run the probe, reporting success.

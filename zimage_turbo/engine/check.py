@@ -1,6 +1,6 @@
 """A file checker: what is this file, and would this node pack use it?
 
-`python -m engine check FILE ...` (see __main__.py) answers "my LoRA does not load" without a
+`python -m zimage_turbo check FILE ...` (see __main__.py) answers "my LoRA does not load" without a
 server. Each path gets a CheckResult: its kind (transformer, text encoder, VAE, LoRA, diffusers
 folder, unknown), the details that matter for Z-Image-Turbo, and, when the engine would refuse
 it, the reason in the engine's own words.

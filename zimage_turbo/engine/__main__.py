@@ -1,4 +1,4 @@
-"""Command line: `python -m engine check FILE [FILE ...] [--model FILE] [--json]` (run from the node pack's folder).
+"""Command line: `python -m zimage_turbo check FILE [FILE ...] [--model FILE] [--json]` (run from the node pack's folder).
 
 Exit status: 0 when every file is usable, 1 when any is refused, 2 for a usage error.
 """
@@ -14,7 +14,7 @@ from .errors import ZImageError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description="Z-Image-Turbo node pack tools.")
+    parser = argparse.ArgumentParser(prog="python -m zimage_turbo", description="Z-Image-Turbo node pack tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = sub.add_parser(
         "check",
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command != "check":
         parser.print_usage(sys.stderr)
-        print("python -m engine: name a command, e.g. `check FILE`.", file=sys.stderr)
+        print("python -m zimage_turbo: name a command, e.g. `check FILE`.", file=sys.stderr)
         return 2
     try:
         ref = reference_from(args.model) if args.model else released_reference()

@@ -444,7 +444,7 @@ class TurboPipeline:
             causes.append("fp16 precision: use dtype bf16 (or auto)")
         if req.shift != 3.0 or req.guidance:
             causes.append(f"the sampler settings (shift {req.shift:g}, cfg {req.cfg:g}; Turbo uses shift 3, cfg 0)")
-        causes.append("the model files themselves: check them with `python -m engine check FILE` in the node pack's folder")
+        causes.append("the model files themselves: check them with `python -m zimage_turbo check FILE` in the node pack's folder")
         return f"{what}, so no image is returned (it would be black). Likely cause: " + "; or ".join(causes) + "."
 
     def _decode(self, vae_latents: torch.Tensor) -> tuple[torch.Tensor, bool]:

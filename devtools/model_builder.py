@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import key_maps
-from .model_config import (
+from zimage_turbo.engine import key_maps
+from zimage_turbo.engine.model_config import (
     CHAT_TEMPLATE_JINJA,
     SCHEDULER_CONFIG,
     TEXT_ENCODER_CONFIG,
@@ -163,7 +163,7 @@ def _random_state(model: torch.nn.Module, generator: torch.Generator, device: st
 
 
 def _empty_model(factory):
-    from .loading import params_on_meta
+    from zimage_turbo.engine.loading import params_on_meta
 
     with params_on_meta():
         return factory()
