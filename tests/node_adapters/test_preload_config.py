@@ -184,14 +184,6 @@ def test_loading_then_warming_then_ready_and_request_returns_at_once(pre):
     assert p.preloaded(pipe) and not p.preloaded(FakePipe())
 
 
-def test_a_pipeline_without_warm_up_methods_is_ready_once_loaded(pre):
-    pipe = object.__new__(type("BarePipe", (), {}))  # the engine before start_warmup/compile_status exist
-    p = preloader(pre, lambda s: pipe)
-    p.request([DEFAULTS], "test")
-    assert p.wait(10) and p.status()["state"] == "ready"
-    assert p.status()["pipelines"][0]["compile_status"] is None
-
-
 def test_compile_off_is_ready_and_a_failed_compile_is_failed_but_loaded(pre):
     p = preloader(pre, lambda s: FakePipe(states=("off",)) if s["compile"] == "off" else
                   FakePipe(states=("failed",), error="inductor crashed"))

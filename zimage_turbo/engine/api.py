@@ -32,7 +32,7 @@ __all__ = [
     "COMPILE_MODES", "DTYPE_NAMES", "MEMORY_MODES", "DiffusersFolder", "GenerationRequest", "GenerationResult",
     "InvalidSettingError", "LoraKeyError", "LoraSpec", "ModelFileError", "ModelSource", "NonFiniteError",
     "OutOfMemoryError", "PipelineStatus", "RunReport", "SplitFiles", "TurboPipeline", "ZImageError",
-    "check_strength", "combine_stack", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "loaded", "release", "release_all", "resolve_device",
+    "check_strength", "combine_stack", "find_loaded", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "loaded", "release", "release_all", "resolve_device",
     "resolve_dtype",
 ]
 
@@ -74,14 +74,17 @@ def _snapshot() -> list[TurboPipeline]:
 def loaded() -> list[PipelineStatus]:
     out = []
     for p in _snapshot():
-        weights = sum(t.numel() * t.element_size() for m in (p.transformer, p.text_encoder, p.vae)
-                      for t in m.parameters())
         out.append(PipelineStatus(
             source=p.comps.source.describe(), device=str(p.device), dtype=DTYPE_NAMES[p.dtype], memory=p.memory,
-            compile=p.compile_mode, compile_status=p.compile_status(), weight_bytes=weights,
+            compile=p.compile_mode, compile_status=p.compile_status(), weight_bytes=p.weight_bytes(),
             lora_path=p.tstate.lora.path, lora_slots=p.tstate.lora.slot_count,
             last_total_s=p.last_report.total_s if p.last_report else None, pipe=p))
     return out
+
+
+def find_loaded(pipe: TurboPipeline) -> bool:
+    """Is this pipeline still loaded (not released)? Never waits for a load in progress."""
+    return any(p is pipe for p in _snapshot())
 
 
 def find(source: ModelSource, device: torch.device, dtype: torch.dtype) -> TurboPipeline | None:

@@ -159,6 +159,11 @@ class TurboPipeline:
             self.warmup.set_off()
         return want
 
+    def weight_bytes(self) -> int:
+        """Bytes of every weight of the three models (what ComfyUI's manager and status pages are told)."""
+        return sum(t.numel() * t.element_size() for m in (self.transformer, self.text_encoder, self.vae)
+                   for t in m.parameters())
+
     def lora_variant(self):
         """What the compiled transformer sees of the LoRA state (see LoraManager.variant)."""
         return self.tstate.lora.variant()

@@ -84,10 +84,6 @@ def _on_detach(patcher: PipelinePatcher, unpatch_all: bool) -> None:
 _PATCHERS: dict[int, PipelinePatcher] = {}
 
 
-def pipeline_bytes(pipe: api.TurboPipeline) -> int:
-    return sum(p.numel() * p.element_size() for m in (pipe.transformer, pipe.text_encoder, pipe.vae) for p in m.parameters())
-
-
 def register_with_model_manager(pipe: api.TurboPipeline) -> None:
     """Tell ComfyUI this pipeline is loaded (again, after an unload); cheap when already known."""
     for key, old in list(_PATCHERS.items()):  # patchers of released pipelines, safe to drop here
@@ -95,7 +91,7 @@ def register_with_model_manager(pipe: api.TurboPipeline) -> None:
             del _PATCHERS[key]
     patcher = _PATCHERS.get(id(pipe))
     if patcher is None or patcher.pipe_ref() is not pipe:
-        patcher = PipelinePatcher(pipe, pipeline_bytes(pipe))
+        patcher = PipelinePatcher(pipe, pipe.weight_bytes())
         patcher.add_callback(CallbacksMP.ON_DETACH, _on_detach)
         _PATCHERS[id(pipe)] = patcher
     mm.load_models_gpu([patcher], force_full_load=True)

@@ -237,23 +237,8 @@ def load_pipeline(settings: dict):
     return pipe
 
 
-def compile_status(pipe) -> dict | None:
-    fn = getattr(pipe, "compile_status", None)
-    if fn is None:
-        return None
-    try:
-        return fn()
-    except Exception as exc:  # noqa: BLE001 - a status call must never break the status route
-        return {"state": "failed", "seconds": None, "error": client_message(exc)}
-
-
-def loaded_pipelines() -> list:
-    """The engine's loaded pipelines, without waiting for a load in progress (api.loaded never does)."""
-    return [st.pipe for st in api.loaded()]
-
-
 def _is_cached(pipe) -> bool:
-    return any(p is pipe for p in loaded_pipelines())
+    return api.find_loaded(pipe)
 
 
 @dataclass(eq=False)
@@ -390,25 +375,19 @@ class Preloader:
         with self._lock:
             entry.load_s = time.perf_counter() - t0
             entry.pipe_ref = weakref.ref(pipe)
-        start = getattr(pipe, "start_warmup", None)
-        if start is not None:
-            try:
-                start()
-            except Exception as exc:
-                log.exception("Z-Image Turbo preload: starting the warm-up failed")
-                self._finish(entry, "failed", f"loaded, but the warm-up did not start: {client_message(exc)}")
-                return
+        try:
+            pipe.start_warmup()
+        except Exception as exc:
+            log.exception("Z-Image Turbo preload: starting the warm-up failed")
+            self._finish(entry, "failed", f"loaded, but the warm-up did not start: {client_message(exc)}")
+            return
         while True:
-            cs = compile_status(pipe) or {"state": "off"}
+            cs = pipe.compile_status()
             if cs.get("state") not in ("pending", "compiling"):
                 break
             with self._lock:
                 entry.state = "warming"
-            wait = getattr(pipe, "wait_warm", None)
-            if wait is not None:
-                wait(timeout=self.poll_s)
-            else:
-                time.sleep(self.poll_s)
+            pipe.wait_warm(timeout=self.poll_s)
             if not self.is_loaded(pipe):
                 log.info("Z-Image Turbo preload: %s was released while warming", desc)
                 self._finish(entry, "off")
@@ -457,7 +436,7 @@ class Preloader:
                 "seconds": None if started is None else round((finished or now) - started, 3),
                 "load_s": None if load_s is None else round(load_s, 3),
                 "loaded": loaded,
-                "compile_status": compile_status(pipe) if loaded else None,
+                "compile_status": pipe.compile_status() if loaded else None,
             }
             pipelines.append(row)
         states = {p["state"] for p in pipelines}
