@@ -18,9 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zimage_turbo.engine import compile_cache, model_builder  # noqa: E402
-from zimage_turbo.engine.loading import DiffusersFolder  # noqa: E402
-from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline  # noqa: E402
+from zimage_turbo.engine.sampling import compile_cache  # noqa: E402
+from devtools import model_builder  # noqa: E402
+from zimage_turbo.engine.files.model_files import DiffusersFolder  # noqa: E402
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline  # noqa: E402
 
 label, order, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 if not (root / "diffusers" / "zit_tiny" / "model_index.json").is_file():

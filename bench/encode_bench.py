@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMFY_DIR = REPO / ".build" / "ComfyUI"
 sys.path.insert(0, str(REPO))
 
-from zimage_turbo.engine import image_files
+from zimage_turbo.engine.files import image_files
 
 # ---------------------------------------------------------------------------------------------- images
 

@@ -25,10 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from zimage_turbo.engine import pipeline as engine_pipeline  # noqa: E402
-from zimage_turbo.engine.loading import SplitFiles  # noqa: E402
+from zimage_turbo.engine.sampling import pipeline as engine_pipeline  # noqa: E402
+from zimage_turbo.engine.files.model_files import SplitFiles  # noqa: E402
 from zimage_turbo.engine.lora import LORA_FILES, LoraSpec  # noqa: E402
-from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline  # noqa: E402
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline  # noqa: E402
 
 
 def main() -> int:

@@ -183,7 +183,7 @@ class Bench:
                 r / "vae" / "ae.safetensors"]
 
     def source(self):
-        from zimage_turbo.engine.loading import SplitFiles
+        from zimage_turbo.engine.files.model_files import SplitFiles
 
         f = self.split_files()
         return SplitFiles(f[0], f[1], f[2], self.root / "qwen_tokenizer")
@@ -238,8 +238,8 @@ class Bench:
                 "page_cache_read_gb_s": warm / 1e9}
 
     def s_load_ours(self):
-        from zimage_turbo.engine.loading import COMPONENTS
-        from zimage_turbo.engine.pipeline import get_pipeline, release_all
+        from zimage_turbo.engine.files.model_files import COMPONENTS
+        from zimage_turbo.engine.sampling.pipeline import get_pipeline, release_all
 
         files = self.split_files()
         release_all()

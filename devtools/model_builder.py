@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from zimage_turbo.engine import key_maps
+from zimage_turbo.engine.files import key_maps
 from zimage_turbo.engine.model_config import (
     CHAT_TEMPLATE_JINJA,
     SCHEDULER_CONFIG,
@@ -163,7 +163,7 @@ def _random_state(model: torch.nn.Module, generator: torch.Generator, device: st
 
 
 def _empty_model(factory):
-    from zimage_turbo.engine.loading import params_on_meta
+    from zimage_turbo.engine.files.model_files import params_on_meta
 
     with params_on_meta():
         return factory()

@@ -43,7 +43,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture()
 def fresh_engine():
     """Each test that needs it starts with empty engine caches (and leaves them empty)."""
-    from zimage_turbo.engine import pipeline
+    from zimage_turbo.engine.sampling import pipeline
 
     pipeline.release_all()
     yield

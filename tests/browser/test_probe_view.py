@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zimage_turbo.engine.report import RunReport
+from zimage_turbo.engine.probing.report import RunReport
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GIB = 1024**3

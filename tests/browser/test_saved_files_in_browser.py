@@ -94,7 +94,7 @@ def test_webp_metadata_is_found_behind_an_image_chunk_of_odd_size(comfy_page):
 
     import numpy as np
 
-    from zimage_turbo.engine import image_files
+    from zimage_turbo.engine.files import image_files
 
     text = image_files.comfy_metadata({"1": {"class_type": "X", "inputs": {}}}, {"workflow": SUGAR})
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import pytest
 from graphs import api_prompt
 from PIL import Image
 
-from zimage_turbo.engine.image_files import read_metadata
+from zimage_turbo.engine.files.image_files import read_metadata
 
 WORKFLOW = {"nodes": [{"id": 5, "type": "ZImageTurboSave", "widgets_values": ["e2e_save", "png", 90]}],
             "links": [], "version": 0.4, "extra": {"note": "一只猫 in the workflow"}}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from zimage_turbo.engine import device_stats
-from zimage_turbo.engine.loading import DiffusersFolder, SplitFiles
+from zimage_turbo.engine.probing import device_stats
+from zimage_turbo.engine.files.model_files import DiffusersFolder, SplitFiles
 from zimage_turbo.engine.lora import LoraSpec
-from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
 
 pytestmark = [
     pytest.mark.gpu,
@@ -215,7 +215,7 @@ def test_true_size_step_times_on_the_second_gpu_match_the_first(fresh_engine):
         steps[dev] = rep.step_s
         # The events bracket the real work: the steps add up to the wall time of the denoise loop.
         assert sum(rep.step_s) == pytest.approx(rep.denoise_s, rel=0.1)
-        from zimage_turbo.engine import pipeline as engine_pipeline
+        from zimage_turbo.engine.sampling import pipeline as engine_pipeline
 
         engine_pipeline.release_all()
     for a, b in zip(steps["cuda:0"], steps["cuda:1"]):

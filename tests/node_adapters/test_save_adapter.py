@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from zimage_turbo.engine.image_files import read_metadata
+from zimage_turbo.engine.files.image_files import read_metadata
 
 PROMPT = {"5": {"class_type": "ZImageTurboSave", "inputs": {"filename_prefix": "ZImage"}}}
 WORKFLOW = {"nodes": [{"id": 5, "type": "ZImageTurboSave"}], "version": 0.4}

@@ -9,8 +9,8 @@ import argparse
 import json
 import sys
 
-from .check import check_file, reference_from, released_reference
 from .errors import ZImageError
+from .files.check import check_file, reference_from, released_reference
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,17 +16,31 @@ from dataclasses import dataclass
 
 import torch
 
-from . import pipeline as _pipeline
-from .acceleration import COMPILE_MODES
-from .errors import (InvalidSettingError, LoraKeyError, ModelFileError, NonFiniteError, OutOfMemoryError,
-                     ZImageError)
-from .loading import DTYPE_NAMES, DiffusersFolder, ModelSource, SplitFiles, resolve_device, resolve_dtype
+from .errors import (
+    InvalidSettingError,
+    LoraKeyError,
+    ModelFileError,
+    NonFiniteError,
+    OutOfMemoryError,
+    ZImageError,
+)
+from .files import image_files
+from .files.model_files import (
+    DTYPE_NAMES,
+    DiffusersFolder,
+    ModelSource,
+    SplitFiles,
+    resolve_device,
+    resolve_dtype,
+)
 from .lora import LoraSpec, check_strength, combine_stack
-from .pipeline import MEMORY_MODES, GenerationRequest, GenerationResult, TurboPipeline
-from .compile_cache import configure as configure_compile_cache
-from .device_stats import nvml_snapshot
-from .report import RunReport
-from . import image_files
+from .probing.device_stats import nvml_snapshot
+from .probing.report import RunReport
+from .sampling import pipeline as _pipeline
+from .sampling.acceleration import COMPILE_MODES
+from .sampling.compile_cache import configure as configure_compile_cache
+from .sampling.pipeline import GenerationRequest, GenerationResult, TurboPipeline
+from .sampling.placement import MEMORY_MODES
 
 __all__ = [
     "COMPILE_MODES", "DTYPE_NAMES", "MEMORY_MODES", "DiffusersFolder", "GenerationRequest", "GenerationResult",

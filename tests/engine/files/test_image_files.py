@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from zimage_turbo.engine import image_files as f
-from zimage_turbo.engine.image_files import ImageFileError
+from zimage_turbo.engine.files import image_files as f
+from zimage_turbo.engine.files.image_files import ImageFileError
 
 PROMPT = {"3": {"class_type": "ZImageTurboSampler", "inputs": {"prompt": "孙珍妮,旗袍,上海外滩", "seed": 42}}}
 WORKFLOW = {"nodes": [{"id": 3, "type": "ZImageTurboSampler"}], "links": [], "version": 0.4}

@@ -4,9 +4,9 @@ import types
 import numpy as np
 import torch
 
-from zimage_turbo.engine import device_stats
-from zimage_turbo.engine.loading import DiffusersFolder
-from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
+from zimage_turbo.engine.probing import device_stats
+from zimage_turbo.engine.files.model_files import DiffusersFolder
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
 
 
 def test_report_text_json_and_chart(tiny, fresh_engine):

@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # The reference implementation's limit; a real header is a few hundred kB at most.

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from zimage_turbo.engine import lora as lora_mod
+from zimage_turbo.engine.lora import apply as lora_mod
 from zimage_turbo.engine.errors import InvalidSettingError
-from zimage_turbo.engine.loading import DiffusersFolder
+from zimage_turbo.engine.files.model_files import DiffusersFolder
 from zimage_turbo.engine.lora import LoraSpec
-from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline, release_all
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline, release_all
 
 CPU = torch.device("cpu")
 REQ = GenerationRequest("a portrait, soft light", width=48, height=48, seed=21)

@@ -1,16 +1,90 @@
-"""Streaming blocks from pinned host memory: the text-encoder-offload and low-VRAM modes.
+"""Where every weight lives: the one place that decides it (issue: placement was decided in three modules).
 
-The weights of each streamed block live in page-locked host memory. Just before a
-block runs, its weights are on the device (copied on a side stream, one block ahead
-of the computation); right after, the device copies are dropped. Only two blocks'
-weights are on the device at any time. Everything that is not a repeated block
+A memory mode becomes a WeightPlan (plan_for): where the text encoder is read to at load time,
+which block stacks stream from host memory, whether LoRAs may be merged into the weights.
+apply_plan() then puts the weights there; model loading and the pipeline only ask the plan.
+
+Streaming (the text-encoder-offload and low-VRAM modes): the weights of each streamed block live
+in page-locked host memory. Just before a block runs, its weights are on the device (copied on a
+side stream, one block ahead of the computation); right after, the device copies are dropped.
+Only two blocks' weights are on the device at any time. Everything that is not a repeated block
 (embeddings, norms, final layer) stays resident: it is small.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from ..errors import InvalidSettingError
+
+MEMORY_MODES = ("resident", "offload_text_encoder", "low_vram")
+
+
+def check_memory_mode(memory: str) -> None:
+    if memory not in MEMORY_MODES:
+        raise InvalidSettingError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}.")
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """Where the weights of one pipeline live for one memory mode (on the CPU everything is host memory)."""
+
+    memory: str
+    on_gpu: bool
+
+    @property
+    def text_encoder_loads_to_host(self) -> bool:
+        """Read the text encoder into pinned host memory (it will stream) instead of the device."""
+        return self.on_gpu and self.memory != "resident"
+
+    @property
+    def stream_text_encoder(self) -> bool:
+        return self.on_gpu and self.memory in ("offload_text_encoder", "low_vram")
+
+    @property
+    def stream_transformer(self) -> bool:
+        return self.on_gpu and self.memory == "low_vram"
+
+    @property
+    def lora_may_merge(self) -> bool:
+        # Streamed blocks swap their weights between host and device: no LoRA is merged into them.
+        return not self.stream_transformer
+
+
+def plan_for(device: torch.device, memory: str) -> WeightPlan:
+    check_memory_mode(memory)
+    return WeightPlan(memory, device.type == "cuda")
+
+
+def apply_plan(plan: WeightPlan, device: torch.device, transformer: nn.Module, transformer_state,
+               text_encoder: nn.Module, text_encoder_state) -> None:
+    """Put the weights where `plan` wants them. The states hold each model's BlockStreamer (or None)."""
+    if not plan.on_gpu:
+        return
+    for st, blocks_of, module, want, wrap, host in (
+        (text_encoder_state, text_encoder_blocks, text_encoder, plan.stream_text_encoder, False, ("embed_tokens",)),
+        (transformer_state, transformer_blocks, transformer, plan.stream_transformer, True, ()),
+    ):
+        if want and st.streamer is None:
+            st.streamer = BlockStreamer(blocks_of(module), device, wrap=wrap)
+        elif not want and st.streamer is not None:
+            st.streamer.remove(back_to_device=True)
+            st.streamer = None
+        # Everything outside the streamed blocks: on the device (a text encoder loaded into host
+        # memory for an offload mode, now wanted resident, comes back too).
+        place_outside_blocks(module, blocks_of(module) if want else [], device, host if want else ())
+    torch.cuda.empty_cache()
+
+
+def drop_streamers(*states) -> None:
+    """Stop streaming (before a release): the streamed weights stay where they are, in host memory."""
+    for st in states:
+        if st.streamer is not None:
+            st.streamer.remove(back_to_device=False)
+            st.streamer = None
 
 
 class BlockStreamer:

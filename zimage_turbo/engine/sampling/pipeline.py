@@ -17,26 +17,34 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import acceleration, compile_cache, device_stats, fp16_guard
-from .errors import InvalidSettingError, NonFiniteError, OutOfMemoryError
-from .loading import COMPONENTS, CachedComponent, LoadedComponents, ModelSource, load_components
-from .lora import LORA_FILES, LoraApplyReport, LoraManager, LoraSpec
-from .model_config import CHAT_TEMPLATE, LATENT_CHANNELS, MAX_PROMPT_TOKENS, SIZE_MULTIPLE, VAE_SCALE
-from .offload import BlockStreamer, place_outside_blocks, text_encoder_blocks, transformer_blocks
-from .report import RunReport
+from ..errors import InvalidSettingError, NonFiniteError, OutOfMemoryError
+from ..files.model_files import (
+    COMPONENTS,
+    CachedComponent,
+    LoadedComponents,
+    ModelSource,
+    load_components,
+)
+from ..lora import LORA_FILES, LoraApplyReport, LoraManager, LoraSpec
+from ..model_config import (
+    CHAT_TEMPLATE,
+    LATENT_CHANNELS,
+    MAX_PROMPT_TOKENS,
+    SIZE_MULTIPLE,
+    VAE_SCALE,
+)
+from ..probing import device_stats
+from ..probing.report import RunReport
+from . import acceleration, compile_cache, fp16_guard
+from .placement import BlockStreamer, apply_plan, check_memory_mode, drop_streamers, plan_for
 from .warmup import CompileWarmup
 
-MEMORY_MODES = ("resident", "offload_text_encoder", "low_vram")
 MAX_SIDE = 4096
 MAX_BATCH = 16
 MAX_CFG = 30.0
 MAX_SHIFT = 20.0
 EMBED_CACHE_SIZE = 64
 
-
-def check_memory_mode(memory: str) -> None:
-    if memory not in MEMORY_MODES:
-        raise InvalidSettingError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}.")
 
 
 @dataclass(frozen=True)
@@ -222,32 +230,13 @@ class TurboPipeline:
             compile_cache.save(self.cache_tag)
 
     def _apply_memory_mode(self) -> None:
-        """Put weights where the memory mode wants them (a no-op on the CPU, where all is host memory)."""
-        if self.device.type != "cuda":
-            return
-        stream_te = self.memory in ("offload_text_encoder", "low_vram")
-        stream_tr = self.memory == "low_vram"
-        # Streamed blocks swap their weights between host and device: no LoRA is merged into them.
-        self.tstate.lora.set_allow_merge(not stream_tr)
-        for st, blocks_of, module, want, wrap, host in (
-            (self.testate, text_encoder_blocks, self.text_encoder, stream_te, False, ("embed_tokens",)),
-            (self.tstate, transformer_blocks, self.transformer, stream_tr, True, ()),
-        ):
-            if want and st.streamer is None:
-                st.streamer = BlockStreamer(blocks_of(module), self.device, wrap=wrap)
-            elif not want and st.streamer is not None:
-                st.streamer.remove(back_to_device=True)
-                st.streamer = None
-            # Everything outside the streamed blocks: on the device (a text encoder loaded into host
-            # memory for an offload mode, now wanted resident, comes back too).
-            place_outside_blocks(module, blocks_of(module) if want else [], self.device, host if want else ())
-        torch.cuda.empty_cache()
+        """Put the weights where this pipeline's memory mode wants them (placement.py decides)."""
+        plan = plan_for(self.device, self.memory)
+        self.tstate.lora.set_allow_merge(plan.lora_may_merge)
+        apply_plan(plan, self.device, self.transformer, self.tstate, self.text_encoder, self.testate)
 
     def drop_streamers(self) -> None:
-        for st in (self.testate, self.tstate):
-            if st.streamer is not None:
-                st.streamer.remove(back_to_device=False)
-                st.streamer = None
+        drop_streamers(self.testate, self.tstate)
 
     # ------------------------------------------------------------ text input
 
@@ -477,10 +466,9 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
     `memory` and `compile_mode` become its defaults for generate() calls that name none; callers
     sharing the pipeline (the nodes) pass their own to generate().
     """
-    check_memory_mode(memory)
+    plan = plan_for(device, memory)
     with _REGISTRY_LOCK:
-        te_on_host = device.type == "cuda" and memory != "resident"
-        comps = load_components(source, device, dtype, te_on_host)
+        comps = load_components(source, device, dtype, plan.text_encoder_loads_to_host)
         pipe = _PIPELINES.get(comps.keys)
         acceleration.check_compile_mode(compile_mode)  # reject a bad value before anything runs
         if pipe is None:

@@ -22,8 +22,9 @@ from contextlib import nullcontext
 
 import torch
 
-from . import acceleration, compile_cache, device_stats
-from .model_config import CHAT_TEMPLATE, LATENT_CHANNELS, VAE_SCALE
+from ..model_config import CHAT_TEMPLATE, LATENT_CHANNELS, VAE_SCALE
+from ..probing import device_stats
+from . import acceleration, compile_cache
 
 log = logging.getLogger("zimage_turbo")
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file as reference_load
 from safetensors.torch import save_file
 
 from zimage_turbo.engine.errors import ModelFileError
-from zimage_turbo.engine.safetensors_io import DTYPES, list_tensors, load_file, read_header, refuse_pickle
+from zimage_turbo.engine.files.safetensors_io import DTYPES, list_tensors, load_file, read_header, refuse_pickle
 
 
 def fuzz_settings(n):

@@ -11,15 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from zimage_turbo.engine import check, key_maps
+from zimage_turbo.engine.files import check
+from zimage_turbo.engine.files import key_maps
 from zimage_turbo.engine.__main__ import main
-from zimage_turbo.engine.check import check_file, reference_from, released_reference, transformer_layers
+from zimage_turbo.engine.files.check import check_file, reference_from, released_reference, transformer_layers
 from zimage_turbo.engine.errors import ZImageError
 from zimage_turbo.engine.lora import linear_modules
 from devtools.model_builder import LORA_FORMATS, TINY
 from zimage_turbo.engine.model_config import TRANSFORMER_CONFIG
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FORMAT_NAMES = {
     "diffusers": "diffusers/peft",
     "kohya_fused": "kohya/ComfyUI (fused qkv)",
@@ -61,7 +62,7 @@ def header_only_file(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]
 def meta_transformer(cfg):
     from diffusers import ZImageTransformer2DModel
 
-    from zimage_turbo.engine.loading import params_on_meta
+    from zimage_turbo.engine.files.model_files import params_on_meta
 
     with params_on_meta():
         return ZImageTransformer2DModel(**cfg)

@@ -26,9 +26,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import InvalidSettingError, ModelFileError
+from ..model_config import (
+    TEXT_ENCODER_HIDDEN_LAYER_FROM_END,
+    TRANSFORMER_CONFIG,
+    VAE_CONFIG,
+)
 from . import key_maps
-from .errors import InvalidSettingError, ModelFileError
-from .model_config import TEXT_ENCODER_HIDDEN_LAYER_FROM_END, TRANSFORMER_CONFIG, VAE_CONFIG
 from .safetensors_io import TensorEntry, list_tensors, load_entries, refuse_pickle
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -218,7 +222,7 @@ def text_encoder_config_from_weights(shapes: dict[str, tuple[int, ...]], source:
         raise ModelFileError(f"{source}: this is not a Qwen3 text encoder (no embed_tokens / q_norm weights).")
     vocab, hidden = shapes["embed_tokens.weight"]
     head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
-    from .model_config import TEXT_ENCODER_CONFIG
+    from ..model_config import TEXT_ENCODER_CONFIG
 
     return dict(
         TEXT_ENCODER_CONFIG,
@@ -463,7 +467,7 @@ def load_components(source: ModelSource, device: torch.device, dtype: torch.dtyp
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            from .errors import OutOfMemoryError
+            from ..errors import OutOfMemoryError
 
             raise OutOfMemoryError(
                 f"out of memory on {device} while loading the {part.replace('_', ' ')}: free memory (unload other "

@@ -6,10 +6,11 @@ import time
 import pytest
 import torch
 
-from zimage_turbo.engine import compile_cache, warmup
-from zimage_turbo.engine.loading import DiffusersFolder
+from zimage_turbo.engine.sampling import compile_cache
+from zimage_turbo.engine.sampling import warmup
+from zimage_turbo.engine.files.model_files import DiffusersFolder
 from zimage_turbo.engine.lora import LoraSpec
-from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
 
 CPU = torch.device("cpu")
 REQ = GenerationRequest("a lighthouse at dusk, 灯塔", width=64, height=48, seed=5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from zimage_turbo.engine.errors import InvalidSettingError, ModelFileError
-from zimage_turbo.engine.loading import COMPONENTS, DiffusersFolder, SplitFiles, load_components, resolve_device, resolve_dtype
+from zimage_turbo.engine.files.model_files import COMPONENTS, DiffusersFolder, SplitFiles, load_components, resolve_device, resolve_dtype
 
 CPU = torch.device("cpu")
 
@@ -26,7 +26,7 @@ def test_both_layouts_load_identical_weights(tiny, fresh_engine):
 
 def test_both_layouts_generate_the_same_image(tiny, fresh_engine):
     """Same weights is not enough: settings that are not in the weights (norm groups, rope) must agree too."""
-    from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
+    from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
 
     built = tiny["built"]
     req = GenerationRequest("灯塔, a lighthouse at dawn", width=48, height=32, seed=5)

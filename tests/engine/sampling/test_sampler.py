@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from zimage_turbo.engine.errors import InvalidSettingError
-from zimage_turbo.engine.loading import DiffusersFolder
-from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
+from zimage_turbo.engine.files.model_files import DiffusersFolder
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
 
 CPU = torch.device("cpu")
 

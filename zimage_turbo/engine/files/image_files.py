@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ZImageError
+from ..errors import ZImageError
 
 log = logging.getLogger("zimage_turbo")
 

@@ -71,7 +71,9 @@ def install(transformer: nn.Module) -> None:
 
 
 def uninstall(transformer: nn.Module) -> None:
-    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+    from diffusers.models.transformers.transformer_z_image import (
+        ZSingleStreamAttnProcessor,
+    )
 
     if not isinstance(transformer.rope_embedder, _RealRope):
         return

@@ -35,7 +35,7 @@ _local = threading.local()
 
 def check_compile_mode(mode: str) -> None:
     if mode not in ENGINE_COMPILE_MODES:
-        from .errors import InvalidSettingError
+        from ..errors import InvalidSettingError
 
         raise InvalidSettingError(f"unknown compile setting {mode!r}: use auto, on or off.")
 

@@ -6,10 +6,10 @@ from safetensors.torch import load_file, save_file
 
 from devtools import model_builder
 from zimage_turbo.engine.errors import LoraKeyError
-from zimage_turbo.engine.loading import COMPONENTS, DiffusersFolder
+from zimage_turbo.engine.files.model_files import COMPONENTS, DiffusersFolder
 from zimage_turbo.engine.lora import LORA_FILES, LoraSpec
 from devtools.model_builder import LORA_FORMATS, TINY
-from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
 
 CPU = torch.device("cpu")
 REQ = GenerationRequest("a portrait, soft light", width=48, height=48, seed=21)

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zimage_turbo.engine.errors import InvalidSettingError, LoraKeyError, NonFiniteError
-from zimage_turbo.engine.loading import DiffusersFolder
+from zimage_turbo.engine.files.model_files import DiffusersFolder
 from zimage_turbo.engine.lora import LoraSpec, combine_stack
-from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
 
 CPU = torch.device("cpu")
 REQ = GenerationRequest("a portrait, soft light", width=48, height=48, seed=21)
@@ -81,7 +81,7 @@ def test_same_stack_gives_the_same_bits_whatever_ran_before(tiny, pipe, fresh_en
                     [LoraSpec(b, 0.5), LoraSpec(c, 0.5)]):
         pipe.generate(REQ, history)
     after_history = pipe.generate(REQ, list(reversed(stack))).images
-    from zimage_turbo.engine import pipeline
+    from zimage_turbo.engine.sampling import pipeline
 
     pipeline.release_all()
     fresh = get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), CPU, torch.float32)
@@ -98,7 +98,7 @@ def test_stack_order_does_not_depend_on_where_the_files_sit_or_their_mtime(tiny,
     import hashlib
     import shutil
 
-    from zimage_turbo.engine.loading import FileId
+    from zimage_turbo.engine.files.model_files import FileId
 
     def adapter_name(path):  # what the cache keys a file by: path, size and mtime
         return hashlib.sha1(repr(FileId.of(path)).encode()).hexdigest()

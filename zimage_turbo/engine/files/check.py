@@ -23,11 +23,22 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ZImageError
+from ..lora.lora_files import (
+    _UNSUPPORTED,
+    _detect_format,
+    _module_lookup,
+    _norm,
+    _split_key,
+    parse_lora,
+)
+from ..model_config import TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG
 from . import key_maps
-from .errors import ZImageError
-from .loading import text_encoder_config_from_weights, transformer_config_from_weights, vae_config_from_weights
-from .lora import _UNSUPPORTED, _detect_format, _module_lookup, _norm, _split_key, parse_lora
-from .model_config import TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG
+from .model_files import (
+    text_encoder_config_from_weights,
+    transformer_config_from_weights,
+    vae_config_from_weights,
+)
 from .safetensors_io import TensorEntry, list_tensors, load_entries, read_header
 
 KINDS = ("transformer", "text_encoder", "vae", "lora", "diffusers_folder", "unknown")

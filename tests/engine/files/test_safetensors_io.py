@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from zimage_turbo.engine import safetensors_io
+from zimage_turbo.engine.files import safetensors_io
 from zimage_turbo.engine.errors import ModelFileError
-from zimage_turbo.engine.safetensors_io import list_tensors, load_entries, load_file, read_header, refuse_pickle
+from zimage_turbo.engine.files.safetensors_io import list_tensors, load_entries, load_file, read_header, refuse_pickle
 
 
 @pytest.fixture()

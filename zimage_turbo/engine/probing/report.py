@@ -59,7 +59,7 @@ class RunReport:
 
     @classmethod
     def start(cls, pipe, req) -> "RunReport":
-        from .loading import DTYPE_NAMES
+        from ..files.model_files import DTYPE_NAMES
 
         return cls(
             device=str(pipe.device),
@@ -87,7 +87,7 @@ class RunReport:
         self.lora_why_adapters = rep.why_adapters
 
     def finish(self, pipe) -> None:
-        from .loading import COMPONENTS
+        from ..files.model_files import COMPONENTS
 
         self.base_reloaded = "transformer" in self.load_s
         self.component_loads_total = COMPONENTS.loads

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from zimage_turbo.engine import fp16_guard
+from zimage_turbo.engine.sampling import fp16_guard
 from zimage_turbo.engine.errors import NonFiniteError
-from zimage_turbo.engine.loading import DiffusersFolder
-from zimage_turbo.engine.pipeline import GenerationRequest, get_pipeline
+from zimage_turbo.engine.files.model_files import DiffusersFolder
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
 
 CPU = torch.device("cpu")
 REQ = GenerationRequest("a cat on a sofa", width=32, height=32, seed=1)

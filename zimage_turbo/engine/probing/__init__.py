@@ -1,0 +1,1 @@
+"""Probing: the run report and the device's memory/utilisation figures."""

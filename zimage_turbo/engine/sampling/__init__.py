@@ -1,0 +1,1 @@
+"""Sampling and acceleration: the pipeline, where weights live, compile, warm-up and its disk cache."""
