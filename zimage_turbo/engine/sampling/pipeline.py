@@ -37,7 +37,7 @@ from ..probing import device_stats
 from ..probing.report import RunReport
 from . import acceleration, compile_cache, fp16_guard
 from .placement import BlockStreamer, apply_plan, check_memory_mode, drop_streamers, plan_for
-from .warmup import CompileWarmup
+from .warmup import CompileWarmup, foreground
 
 MAX_SIDE = 4096
 MAX_BATCH = 16
@@ -327,11 +327,13 @@ class TurboPipeline:
         want = self._apply_compile()
 
         t0 = time.perf_counter()
-        lora_rep: LoraApplyReport = self.tstate.lora.apply(loras)
-        device_stats.synchronize(dev)
+        with foreground():  # a background compile gives way meanwhile (warmup.py)
+            lora_rep: LoraApplyReport = self.tstate.lora.apply(loras)
+            device_stats.synchronize(dev)
         report.set_lora(lora_rep, time.perf_counter() - t0)
+        # Not marked as foreground: with compile "on" this may wait for the warm-up thread.
         report.compiled, report.compile_path = self._choose_path(want)
-        with acceleration.compiled_calls(report.compiled):
+        with acceleration.compiled_calls(report.compiled), foreground():
             result = self._denoise_and_decode(req, report, lora_rep, t_start, on_step, check_interrupt)
         if report.compiled:
             self._save_compiled()  # only when this run compiled something new
