@@ -1,21 +1,11 @@
-"""API-format graphs the end-to-end tests queue."""
+"""The graph the end-to-end tests queue: devtools.graphs.api_graph with small, CPU-friendly defaults."""
 
-import json
+from devtools.graphs import MODEL, api_graph  # noqa: F401  (MODEL: for the tests that name the file)
 
-from model_names import MODEL, TEXT_ENCODER, VAE
+E2E_DEFAULTS = {"seed": 1, "width": 64, "height": 48, "prompt": "a cat in a garden, 一只猫", "dtype": "fp32",
+                "prefix": "e2e"}
 
 
-def api_prompt(seed=1, width=64, height=48, loras=None, model=MODEL, steps=8, prompt="a cat in a garden, 一只猫",
-               cfg=0.0, memory="resident", dtype="fp32"):
+def api_prompt(**settings) -> dict:
     """Loader -> LoRA stack -> Sampler -> Probe -> SaveImage, in ComfyUI's API format."""
-    graph = {
-        "1": {"class_type": "ZImageTurboLoader", "inputs": {
-            "model": model, "text_encoder": TEXT_ENCODER, "vae": VAE, "dtype": dtype, "device": "auto", "memory": memory, "compile": "auto"}},
-        "2": {"class_type": "ZImageTurboLoraStack", "inputs": {"loras": json.dumps(loras or [])}},
-        "3": {"class_type": "ZImageTurboSampler", "inputs": {
-            "pipe": ["1", 0], "lora_stack": ["2", 0], "prompt": prompt, "negative_prompt": "", "width": width,
-            "height": height, "steps": steps, "cfg": cfg, "shift": 3.0, "seed": seed, "batch_size": 1}},
-        "4": {"class_type": "ZImageTurboProbe", "inputs": {"images": ["3", 0], "report": ["3", 2]}},
-        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "e2e"}},
-    }
-    return graph
+    return api_graph(**{**E2E_DEFAULTS, **settings})
