@@ -7,7 +7,7 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(PY) -m scripts.demo
 
 # Every test: engine units, the real ComfyUI server, the real browser. GPU tests skip without CUDA.
 # pytest exits 5 when it collects nothing, which fails this target too.

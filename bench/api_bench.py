@@ -27,9 +27,9 @@ native server serves every native section (it has no compile cache to be cold or
 
     # CPU smoke run on the tiny random-weight model (ComfyUI's native loaders cannot read the tiny files: native
     # is then reported as null with ComfyUI's error):
-    .venv/bin/python bench/api_bench.py --tiny
+    .venv/bin/python -m bench.api_bench --tiny
     # GPU machine, after bench/gpu_run.sh's set-up (true-size random weights from bench/build_model.py):
-    python3 bench/api_bench.py --root /tmp/zfull --out $OUT --logs $OUT/logs
+    python3 -m bench.api_bench --root /tmp/zfull --out $OUT --logs $OUT/logs
 
 Writes <out>/<YYYY-MM-DD>-<device>-api.json and .md (default bench/results/api/) after every section, so a run cut
 off by a time limit keeps what it measured. --deadline (seconds since the start) stops starting new work; the
@@ -58,20 +58,16 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-for _p in (REPO, REPO / "scripts", REPO / "tests"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from comfy_client import COMFY_DIR, ComfyError, ComfyServer
-
 from bench import load_test, soak
+from devtools import graphs
+from scripts.comfy_client import COMFY_DIR, ComfyError, ComfyServer
 
+REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results" / "api"
 OUR_WORKFLOW = REPO / "workflows" / "api" / "zimage_sugar.json"
 SECTIONS = ("native", "cold", "warm", "preload")
 SYSTEMS = ("native", "ours")
-LOADER, STACK, SAMPLER, PROBE = "ZImageTurboLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboProbe"
+LOADER, STACK, SAMPLER, PROBE = graphs.LOADER_CLASS, graphs.STACK_CLASS, graphs.SAMPLER_CLASS, graphs.PROBE_CLASS
 PRELOAD_KEYS = ("model", "text_encoder", "vae", "dtype", "device", "memory", "compile")
 # Keys of the result that hold {"native": ..., "ours": ...}, in the order the report shows them.
 HEADLINE = (
@@ -269,40 +265,19 @@ class OursGraphs:
 
 
 class NativeGraphs:
-    """ComfyUI's Z-Image-Turbo template graph (+ LoraLoaderModelOnly for a style)."""
+    """ComfyUI's Z-Image-Turbo template graph (devtools.graphs.native_graph; LoraLoaderModelOnly for a style)."""
 
     system = "native"
     source = "ComfyUI's Z-Image-Turbo template (API format, built here)"
-    sampler_id, save_id, probe_id, lora_id = "7", "10", None, "11"
+    sampler_id, save_id, probe_id, lora_id = graphs.NATIVE["sample"], graphs.NATIVE["save"], None, graphs.NATIVE["lora"]
     save_class = "SaveImage"
 
     def __init__(self, setup: soak.ModelSetup, width: int, height: int, steps: int):
-        self.template = {
-            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": setup.model, "weight_dtype": "default"}},
-            "2": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 3.0}},
-            "3": {"class_type": "CLIPLoader", "inputs": {"clip_name": setup.text_encoder, "type": "lumina2",
-                                                         "device": "default"}},
-            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": ""}},
-            "5": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 0]}},
-            "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
-            "7": {"class_type": "KSampler", "inputs": {
-                "model": ["2", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "seed": 0,
-                "steps": steps, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}},
-            "8": {"class_type": "VAELoader", "inputs": {"vae_name": setup.vae}},
-            "9": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["8", 0]}},
-            "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "api_bench/native"}},
-        }
+        self.files = {"model": setup.model, "text_encoder": setup.text_encoder, "vae": setup.vae}
+        self.size = {"width": width, "height": height, "steps": steps}
 
     def graph(self, prompt: str, seed: int, lora: str | None, prefix: str) -> dict:
-        g = copy.deepcopy(self.template)
-        g["4"]["inputs"]["text"] = prompt
-        g["7"]["inputs"]["seed"] = seed
-        g["10"]["inputs"]["filename_prefix"] = prefix
-        if lora:
-            g[self.lora_id] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-                "model": ["1", 0], "lora_name": lora, "strength_model": 1.0}}
-            g["2"]["inputs"]["model"] = [self.lora_id, 0]
-        return g
+        return graphs.native_graph(prompt=prompt, seed=seed, lora=lora, prefix=prefix, **self.files, **self.size)
 
     def workflow(self) -> load_test.Workflow:
         return NativeWorkflow(self.graph("", 0, None, "api_bench/native_c"), self.source, [self.sampler_id], None)
@@ -314,8 +289,8 @@ class NativeWorkflow(load_test.Workflow):
 
     def variant(self, seed: int, prompt: str) -> dict:
         graph = copy.deepcopy(self.graph)
-        graph["7"]["inputs"]["seed"] = seed
-        graph["4"]["inputs"]["text"] = prompt
+        graph[graphs.NATIVE["sample"]]["inputs"]["seed"] = seed
+        graph[graphs.NATIVE["encode"]]["inputs"]["text"] = prompt
         return graph
 
 

@@ -9,6 +9,8 @@
 
 Weights are random: latency and memory are real, images are noise. --tiny builds the
 small test model instead (CPU smoke runs of the benchmark).
+
+    python -m bench.build_model --root /tmp/zfull
 """
 
 from __future__ import annotations
@@ -22,19 +24,18 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from devtools import model_builder
+from devtools.graphs import MODEL, TEXT_ENCODER, VAE
+from scripts.comfy_client import COMFY_DIR
 
-from devtools import model_builder  # noqa: E402
-
-SPLIT_NAMES = ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors")
+SPLIT_NAMES = (MODEL, TEXT_ENCODER, VAE)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", required=True, type=Path)
     ap.add_argument("--qwen-tokenizer", type=Path,
-                    default=REPO / ".build" / "ComfyUI" / "comfy" / "text_encoders" / "qwen25_tokenizer")
+                    default=COMFY_DIR / "comfy" / "text_encoders" / "qwen25_tokenizer")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="the small test model (CPU smoke runs)")
     args = ap.parse_args()

@@ -35,13 +35,23 @@ class _NoServer:
         return lambda *a, **k: None
 
 
+def put_comfyui_on_path(comfy_dir: Path) -> None:
+    """Let this process import ComfyUI's modules (comfy, nodes, execution, ...).
+
+    The one sys.path edit of the repository, and it cannot go: ComfyUI is an application whose modules import each
+    other as top-level names from its own folder (main.py relies on being run from there), not a package."""
+    folder = str(Path(comfy_dir).resolve())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
 class InProcessComfy:
     def __init__(self, comfy_dir: Path, base_dir: Path, extra_args: list[str] | None = None):
         comfy_dir, base_dir = Path(comfy_dir).resolve(), Path(base_dir).resolve()
         for sub in ("models", "custom_nodes", "input", "output", "temp", "user"):
             (base_dir / sub).mkdir(parents=True, exist_ok=True)
         sys.argv = ["main.py", "--base-directory", str(base_dir), "--disable-auto-launch", *(extra_args or [])]
-        sys.path.insert(0, str(comfy_dir))
+        put_comfyui_on_path(comfy_dir)
         import comfy.options
 
         comfy.options.enable_args_parsing()
@@ -104,42 +114,6 @@ class InProcessComfy:
             if patcher is not None and isinstance(getattr(patcher, "model", None), torch.nn.Module):
                 out.append(patcher.model)
         return out
-
-
-def native_zimage_graph(prompt: str, seed: int, size: int = 1024, steps: int = 8, model="z_image_turbo_bf16.safetensors",
-                        text_encoder="qwen_3_4b.safetensors", vae="ae.safetensors") -> tuple[dict, dict]:
-    """ComfyUI's official Z-Image-Turbo template graph (API format) and its node ids by role."""
-    graph = {
-        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": model, "weight_dtype": "default"}},
-        "sampling": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["unet", 0], "shift": 3.0}},
-        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": text_encoder, "type": "lumina2", "device": "default"}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": prompt}},
-        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "ksampler": {"class_type": "KSampler", "inputs": {
-            "model": ["sampling", 0], "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "res_multistep",
-            "scheduler": "simple", "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "denoise": 1.0}},
-        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["ksampler", 0], "vae": ["vae", 0]}},
-    }
-    return graph, {"encode": "pos", "sample": "ksampler", "decode": "decode"}
-
-
-def package_graph(prompt: str, seed: int, size: int = 1024, steps: int = 8, loras: str = "[]", memory="resident",
-                  compile_mode="auto", model="z_image_turbo_bf16.safetensors", text_encoder="qwen_3_4b.safetensors",
-                  vae="ae.safetensors", dtype="bf16") -> tuple[dict, dict]:
-    """This package's nodes: Loader -> (LoRA stack) -> Sampler; output is the IMAGE of the sampler."""
-    graph = {
-        "load": {"class_type": "ZImageTurboLoader", "inputs": {
-            "model": model, "text_encoder": text_encoder, "vae": vae, "dtype": dtype, "device": "auto",
-            "memory": memory, "compile": compile_mode}},
-        "loras": {"class_type": "ZImageTurboLoraStack", "inputs": {"loras": loras}},
-        "sample": {"class_type": "ZImageTurboSampler", "inputs": {
-            "pipe": ["load", 0], "lora_stack": ["loras", 0], "prompt": prompt, "negative_prompt": "", "width": size,
-            "height": size, "steps": steps, "cfg": 0.0, "shift": 3.0, "seed": seed, "batch_size": 1}},
-    }
-    return graph, {"sample": "sample", "load": "load"}
 
 
 def link_models(base_dir: Path, root: Path) -> None:

@@ -1,6 +1,6 @@
 """Are compiled images the same bits in two processes? One process per call, GPU only.
 
-    python bench/determinism_check.py LABEL ORDER ROOT   (ORDER ab|ba)
+    python -m bench.determinism_check LABEL ORDER ROOT   (ORDER ab|ba)
 
 Builds (once) the tiny model under ROOT, compiles the pipeline (compile "on": the first image
 waits for the warm-up), generates two sizes in ORDER and prints one JSON line
@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from zimage_turbo.engine.sampling import compile_cache  # noqa: E402
-from devtools import model_builder  # noqa: E402
-from zimage_turbo.engine.files.model_files import DiffusersFolder  # noqa: E402
-from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline  # noqa: E402
+from devtools import model_builder
+from zimage_turbo.engine.files.model_files import DiffusersFolder
+from zimage_turbo.engine.sampling import compile_cache
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
 
 label, order, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 if not (root / "diffusers" / "zit_tiny" / "model_index.json").is_file():

@@ -13,8 +13,8 @@ efforts, Pillow's PNG at compress level 4 (what SaveImage does) and ComfyUI 0.3.
 sizes. Each figure is the median and the minimum of --repeats runs after one warm-up (on a shared machine
 the minimum is the better estimate of the cost).
 
-    .venv/bin/python bench/encode_bench.py                    # writes bench/results/encode/<date>-<cpu>.{md,json}
-    .venv/bin/python bench/encode_bench.py --size 512 --repeats 3 --out /tmp/enc
+    .venv/bin/python -m bench.encode_bench                    # writes bench/results/encode/<date>-<cpu>.{md,json}
+    .venv/bin/python -m bench.encode_bench --size 512 --repeats 3 --out /tmp/enc
 """
 
 from __future__ import annotations
@@ -35,11 +35,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-REPO = Path(__file__).resolve().parent.parent
-COMFY_DIR = REPO / ".build" / "ComfyUI"
-sys.path.insert(0, str(REPO))
-
+from scripts.comfy_client import COMFY_DIR
 from zimage_turbo.engine.files import image_files
+
+REPO = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------- images
 
@@ -126,8 +125,9 @@ def comfy_saveimage():
     """ComfyUI's own SaveImage class, or None where ComfyUI is not set up."""
     if not (COMFY_DIR / "nodes.py").is_file():
         return None
-    sys.path.insert(0, str(COMFY_DIR))  # before this repository: its nodes.py, not our nodes/ package
-    saved = sys.modules.pop("nodes", None)
+    from bench.comfy_inprocess import put_comfyui_on_path
+
+    put_comfyui_on_path(COMFY_DIR)
     try:
         import comfy.cli_args
         import torch
@@ -140,9 +140,6 @@ def comfy_saveimage():
     except (ImportError, RuntimeError, OSError) as exc:  # ComfyUI's imports failed: say so, go on without it
         print(f"ComfyUI's SaveImage not available ({exc!r}); timing Pillow with its settings only")
         return None
-    finally:
-        if saved is not None:
-            sys.modules["nodes"] = saved
 
 
 def run(size: int, repeats: int) -> dict:

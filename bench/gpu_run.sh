@@ -38,7 +38,7 @@ fi
 ROOT=/tmp/zfull
 if [ ! -f $ROOT/manifest.json ]; then
     start=$(date +%s)
-    python3 bench/build_model.py --root $ROOT > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
+    python3 -m bench.build_model --root $ROOT > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
     echo "model built in $(( $(date +%s) - start )) s"
 fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,temperature.gpu,clocks.sm --format=csv > $OUT/nvidia_smi.csv
@@ -57,28 +57,28 @@ for what in "$@"; do
             ;;
         soak:*)
             args=${what#soak:}
-            python3 bench/soak.py --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/soak.log | tail -40
+            python3 -m bench.soak --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/soak.log | tail -40
             ;;
         determinism)
             # P1, P2: cold (own empty inductor caches); P3: P1's inductor cache; P4: empty inductor cache
             # but P1's saved blob (ZIMAGE_TURBO_CACHE_DIR); P5 like P3, other order.
             d=/tmp/det; rm -rf $d; mkdir -p $d
             run_det() { TORCHINDUCTOR_CACHE_DIR=$d/$2 ZIMAGE_TURBO_CACHE_DIR=$d/$3 \
-                python3 bench/determinism_check.py $1 $4 $d/model 2>>$OUT/determinism.err | tee -a $OUT/determinism.log; }
-            python3 -c "import sys; sys.path.insert(0, '.'); from devtools import model_builder as m; m.build_random_model('$d/model', 'zit_tiny', m.TINY, seed=0)" 2>>$OUT/determinism.err
+                python3 -m bench.determinism_check $1 $4 $d/model 2>>$OUT/determinism.err | tee -a $OUT/determinism.log; }
+            python3 -c "from devtools import model_builder as m; m.build_random_model('$d/model', 'zit_tiny', m.TINY, seed=0)" 2>>$OUT/determinism.err
             run_det cold1 indA blobA ab; run_det cold2 indB blobB ab; run_det cachedA indA blobA ab
             run_det blobOnly indC blobA ab; run_det cachedA_ba indA blobA ba
             ;;
         lora)
-            python3 bench/lora_paths.py --root $ROOT --out $OUT 2>&1 | grep -v Warning | tee $OUT/lora.log | tail -8
+            python3 -m bench.lora_paths --root $ROOT --out $OUT 2>&1 | grep -v Warning | tee $OUT/lora.log | tail -8
             ;;
         api:*)
             args=${what#api:}
-            python3 bench/api_bench.py --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/api.log | tail -40
+            python3 -m bench.api_bench --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/api.log | tail -40
             ;;
         bench:*)
             args=${what#bench:}
-            python3 bench/run_bench.py --root $ROOT --out $OUT ${args//,/ } 2>&1 \
+            python3 -m bench.run_bench --root $ROOT --out $OUT ${args//,/ } 2>&1 \
                 | grep -v -E "alembic|IMPORT FAILED|torchaudio|^WARNING:root:$" | tee -a $OUT/bench.log \
                 | grep -E "^===|^    \(|run [0-9]|wrote|Error" | cut -c1-300
             ;;

@@ -7,11 +7,11 @@ ZImageTurboProbe node. ComfyUI executes one prompt at a time, so higher levels m
 should stay flat while latency grows with the level.
 
     # against a running server (the main mode), real weights on a GPU:
-    .venv/bin/python bench/load_test.py --port 8188 --levels 1,2,4 --requests 8 --model-note "real weights"
+    .venv/bin/python -m bench.load_test --port 8188 --levels 1,2,4 --requests 8 --model-note "real weights"
     # an exported API-format workflow instead of the built-in graph:
-    .venv/bin/python bench/load_test.py --workflow my_workflow_api.json --levels 1,2,4
+    .venv/bin/python -m bench.load_test --workflow my_workflow_api.json --levels 1,2,4
     # a throw-away local server with the tiny random-weight model (tests / smoke runs only):
-    .venv/bin/python bench/load_test.py --start-tiny-server --width 64 --height 64
+    .venv/bin/python -m bench.load_test --start-tiny-server --width 64 --height 64
 
 Writes <stem>.md, <stem>.json (every raw per-request timing) and <stem>.png to bench/results/load/ (--out).
 The client needs websocket-client and Pillow only; nothing in it is specific to CPU or GPU.
@@ -44,15 +44,12 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from devtools import graphs
+from scripts.comfy_client import ComfyClient, ComfyError, ComfyServer, PromptResult, follow
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 
-from comfy_client import ComfyClient, ComfyError  # noqa: E402
-
-LOADER, SAMPLER, PROBE = "ZImageTurboLoader", "ZImageTurboSampler", "ZImageTurboProbe"
-REAL_MODEL_FILES = {"model": "z_image_turbo_bf16.safetensors", "text_encoder": "qwen_3_4b.safetensors",
-                    "vae": "ae.safetensors"}
-DEFAULT_PROMPT = "a red fox resting in fresh snow at sunrise, 雪地里的红狐狸, soft light"
+LOADER, SAMPLER, PROBE = graphs.LOADER_CLASS, graphs.SAMPLER_CLASS, graphs.PROBE_CLASS
 RESULTS_DIR = REPO / "bench" / "results" / "load"
 TINY_MODEL_NOTE = ("TINY random-weight model (real Z-Image classes, small sizes, random weights): images are noise "
                    "and timings are not Z-Image-Turbo performance")
@@ -65,23 +62,16 @@ class LoadTestError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------- workflow
 
-def default_graph(model: str = REAL_MODEL_FILES["model"], text_encoder: str = REAL_MODEL_FILES["text_encoder"],
-                  vae: str = REAL_MODEL_FILES["vae"], width: int = 1024, height: int = 1024, steps: int = 8,
-                  dtype: str = "auto", device: str = "auto", memory: str = "resident", prompt: str = DEFAULT_PROMPT,
-                  batch_size: int = 1, loader_inputs: dict | None = None) -> dict:
-    """Loader -> Sampler -> Probe -> SaveImage in ComfyUI's API format (seed and prompt are set per request).
+def default_graph(model: str = graphs.MODEL, text_encoder: str = graphs.TEXT_ENCODER, vae: str = graphs.VAE,
+                  width: int = 1024, height: int = 1024, steps: int = 8, dtype: str = "auto", device: str = "auto",
+                  memory: str = "resident", prompt: str = graphs.DEFAULT_PROMPT, batch_size: int = 1,
+                  loader_inputs: dict | None = None) -> dict:
+    """The pack's graph (devtools.graphs.api_graph) with no LoRA on; seed and prompt are set per request.
 
     loader_inputs: further loader inputs (e.g. {"compile": "off"}); inputs left out get the server's defaults."""
-    return {
-        "1": {"class_type": LOADER, "inputs": {
-            "model": model, "text_encoder": text_encoder, "vae": vae, "dtype": dtype, "device": device,
-            "memory": memory, **(loader_inputs or {})}},
-        "2": {"class_type": SAMPLER, "inputs": {
-            "pipe": ["1", 0], "prompt": prompt, "negative_prompt": "", "width": width, "height": height,
-            "steps": steps, "cfg": 0.0, "shift": 3.0, "seed": 0, "batch_size": batch_size}},
-        "3": {"class_type": PROBE, "inputs": {"images": ["2", 0], "report": ["2", 2]}},
-        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "load_test"}},
-    }
+    return graphs.api_graph(model=model, text_encoder=text_encoder, vae=vae, width=width, height=height, steps=steps,
+                            dtype=dtype, device=device, memory=memory, compile=None, loader_inputs=loader_inputs,
+                            prompt=prompt, batch_size=batch_size, prefix="load_test")
 
 
 @dataclass
@@ -221,9 +211,15 @@ class _Listener(threading.Thread):
                 self.events.put((time.perf_counter(), json.loads(raw)))
 
 
-def _error_text(data: dict) -> str:
-    return (f"{data.get('node_type')} (node {data.get('node_id')}): {data.get('exception_type')}: "
-            f"{data.get('exception_message', '').strip()}")
+def _end_text(res: PromptResult) -> str | None:
+    """The error of an ended prompt as one line; None for a success."""
+    data = res.messages[-1].get("data") or {}
+    if res.status == "error":
+        return (f"{data.get('node_type')} (node {data.get('node_id')}): {data.get('exception_type')}: "
+                f"{data.get('exception_message', '').strip()}")
+    if res.status == "interrupted":
+        return f"interrupted in node {data.get('node_id')}"
+    return None
 
 
 def _rejection_text(status: int, body) -> str:
@@ -304,13 +300,15 @@ def run_level(client: ComfyClient, workflow: Workflow, level: int, records: list
     ws.settimeout(0.5)  # short reads, so the listener notices when it is told to stop
     listener = _Listener(ws)
     listener.start()
-    todo, in_flight, queued_at = deque(records), {}, {}
+    todo, in_flight, queued_at, followed = deque(records), {}, {}, {}
     t_level = time.perf_counter()
     t_last_done = t_level
 
     def finish(rec: RequestRecord, status: str, t: float, error: str | None = None) -> None:
         nonlocal t_last_done
+        res = followed[rec.prompt_id]
         rec.status, rec.error = status, error
+        rec.started_s, rec.first_progress_s, rec.cached_nodes = res.started_s, res.first_progress_s, res.cached_nodes()
         rec.latency_s = t - queued_at[rec.prompt_id]
         t_last_done = max(t_last_done, t)
         in_flight.pop(rec.prompt_id, None)
@@ -332,6 +330,7 @@ def run_level(client: ComfyClient, workflow: Workflow, level: int, records: list
                     rec.prompt_id = body["prompt_id"]
                     queued_at[rec.prompt_id] = t_queue
                     in_flight[rec.prompt_id] = rec
+                    followed[rec.prompt_id] = PromptResult(rec.prompt_id, "pending")
                 else:
                     rec.status, rec.error = "rejected", _rejection_text(status, body)
                     t_last_done = max(t_last_done, time.perf_counter())
@@ -346,23 +345,9 @@ def run_level(client: ComfyClient, workflow: Workflow, level: int, records: list
                 for rec in todo:
                     rec.status, rec.error = "disconnected", "not queued: the websocket closed earlier"
                 break
-            rec = in_flight.get(data.get("prompt_id"))
-            if rec is not None:
-                since_queued = t - queued_at[rec.prompt_id]
-                if kind == "execution_start":
-                    rec.started_s = since_queued
-                elif kind == "execution_cached":
-                    rec.cached_nodes = list(data.get("nodes", []))
-                elif kind == "progress" and rec.first_progress_s is None:
-                    rec.first_progress_s = since_queued
-                elif kind == "execution_success":
-                    finish(rec, "success", t)
-                elif kind == "execution_error":
-                    finish(rec, "error", t, _error_text(data))
-                elif kind == "execution_interrupted":
-                    finish(rec, "interrupted", t, f"interrupted in node {data.get('node_id')}")
-                elif kind == "executing" and data.get("node") is None:  # servers older than execution_success
-                    finish(rec, "success", t)
+            pid = data.get("prompt_id")
+            if pid in in_flight and follow(followed[pid], msg, queued_at[pid], now=t):
+                finish(in_flight[pid], followed[pid].status, t, _end_text(followed[pid]))
             now = time.perf_counter()
             overdue = [r for pid, r in in_flight.items() if now - queued_at[pid] > timeout_s]
             for r in overdue:
@@ -716,20 +701,17 @@ def write_outputs(report: dict, out_dir: str | Path = RESULTS_DIR, stem: str | N
 
 @contextlib.contextmanager
 def tiny_server():
-    """A throw-away local ComfyUI with the tiny random-weight model; yields (client, model file names)."""
+    """A throw-away local ComfyUI holding the tiny random-weight model under the real file names; yields its client."""
     import torch
 
-    sys.path.insert(0, str(REPO))
-    from comfy_client import ComfyServer, place_tiny_model
-    from devtools import model_builder
+    from devtools import install_tiny_models
 
     with tempfile.TemporaryDirectory(prefix="zimage_load_") as tmp:
-        built = model_builder.build_random_model(Path(tmp) / "model", "zit_tiny", model_builder.TINY, seed=0)
         server = ComfyServer(Path(tmp) / "comfy", cpu=not torch.cuda.is_available())
         server.prepare()
-        names = place_tiny_model(server.base_dir / "models", built)
+        install_tiny_models.install(server.base_dir / "models")
         with server:
-            yield server.client, names
+            yield server.client
 
 
 def parse_levels(text: str) -> list[int]:
@@ -759,11 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--levels", type=parse_levels, default=[1, 2, 4], help="concurrency levels, e.g. 1,2,4")
     ap.add_argument("--requests", type=int, default=8, help="prompts per concurrency level")
     ap.add_argument("--warmup", type=int, default=1, help="prompts run first and not counted (model load)")
-    ap.add_argument("--workflow", help="API-format workflow JSON (default: built-in Loader->Sampler->Probe->Save)")
+    ap.add_argument("--workflow", help="API-format workflow JSON (default: built-in Loader->LoRA Stack (empty)->"
+                                       "Sampler->Probe->Save)")
     graph = ap.add_argument_group("built-in workflow")
-    graph.add_argument("--model", default=REAL_MODEL_FILES["model"])
-    graph.add_argument("--text-encoder", default=REAL_MODEL_FILES["text_encoder"])
-    graph.add_argument("--vae", default=REAL_MODEL_FILES["vae"])
+    graph.add_argument("--model", default=graphs.MODEL)
+    graph.add_argument("--text-encoder", default=graphs.TEXT_ENCODER)
+    graph.add_argument("--vae", default=graphs.VAE)
     graph.add_argument("--dtype", default="auto")
     graph.add_argument("--device", default="auto")
     graph.add_argument("--memory", default="resident")
@@ -774,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--loader-input", action="append", default=[], metavar="NAME=VALUE",
                        help="another loader input, e.g. compile=off (repeatable); unset inputs get the server's "
                             "defaults")
-    graph.add_argument("--prompt", default=DEFAULT_PROMPT, help="base prompt; each request appends its own tag")
+    graph.add_argument("--prompt", default=graphs.DEFAULT_PROMPT, help="base prompt; each request appends its own tag")
     ap.add_argument("--seed", type=int, help="base seed (default: random); request n uses seed+n")
     ap.add_argument("--timeout", type=float, default=600, help="seconds before a prompt counts as timed out")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
@@ -792,8 +775,7 @@ def main(argv=None) -> int:
         model_note = args.model_note
         if args.start_tiny_server:
             print("[load] starting a local ComfyUI with the TINY random-weight model")
-            client, names = stack.enter_context(tiny_server())
-            args.model, args.text_encoder, args.vae = names["model"], names["text_encoder"], names["vae"]
+            client = stack.enter_context(tiny_server())
             model_note = model_note or TINY_MODEL_NOTE
         else:
             client = ComfyClient(args.host, args.port)

@@ -1,6 +1,6 @@
 """What a LoRA costs in process, at true size: per step (merged vs adapters), per switch, per strength change.
 
-    python bench/lora_paths.py --root /tmp/zfull --out bench/results
+    python -m bench.lora_paths --root /tmp/zfull --out bench/results
 
 Uses bench/build_model.py's random weights and its two rank-32 LoRAs (style_a: diffusers
 format, style_b: kohya). Compiled bf16, 1024², 8 steps. For each path (merged, adapters):
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from devtools.graphs import MODEL, TEXT_ENCODER, VAE
+from zimage_turbo.engine.files.model_files import SplitFiles
+from zimage_turbo.engine.lora import LORA_FILES, LoraSpec
+from zimage_turbo.engine.sampling import pipeline as engine_pipeline
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
 
-from zimage_turbo.engine.sampling import pipeline as engine_pipeline  # noqa: E402
-from zimage_turbo.engine.files.model_files import SplitFiles  # noqa: E402
-from zimage_turbo.engine.lora import LORA_FILES, LoraSpec  # noqa: E402
-from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
@@ -39,8 +39,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1024)
     args = ap.parse_args()
     root = Path(args.root)
-    src = SplitFiles(root / "diffusion_models" / "z_image_turbo_bf16.safetensors",
-                     root / "text_encoders" / "qwen_3_4b.safetensors", root / "vae" / "ae.safetensors",
+    src = SplitFiles(root / "diffusion_models" / MODEL, root / "text_encoders" / TEXT_ENCODER, root / "vae" / VAE,
                      root / "qwen_tokenizer")
     dev = torch.device("cuda:0")
     a, b = root / "loras" / "style_a_r32.safetensors", root / "loras" / "style_b_r32.safetensors"

@@ -11,8 +11,8 @@ Every end-to-end run uses a new prompt and a new seed, so no system can reuse a 
 encoding or a cached result; each time is synchronised with the GPU. Writes
 <out>/<date>-<device>.json and .md, after every section (a partial run keeps its results).
 
-  python bench/run_bench.py --root /tmp/zfull --out bench/results
-  python bench/run_bench.py --root /tmp/zsmall --tiny --out /tmp/res    # CPU smoke run
+  python -m bench.run_bench --root /tmp/zfull --out bench/results
+  python -m bench.run_bench --root /tmp/zsmall --tiny --out /tmp/res    # CPU smoke run
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 
+from bench.comfy_inprocess import InProcessComfy, link_models, link_package
+from bench.report_md import render
+from devtools import graphs
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 GIB = 1024**3
 PROMPT = ("A cinematic portrait photograph of a young woman on the Bund in Shanghai at dusk, wearing an embroidered "
@@ -155,8 +157,6 @@ class Bench:
     def save(self):
         self.out_base.parent.mkdir(parents=True, exist_ok=True)
         self.out_base.with_suffix(".json").write_text(json.dumps(self.res, indent=1, default=str))
-        from report_md import render
-
         self.out_base.with_suffix(".md").write_text(render(self.res))
 
     def section(self, name, fn):
@@ -178,19 +178,13 @@ class Bench:
     # ------------------------------------------------------------- systems
 
     def split_files(self):
-        r = self.root
-        return [r / "diffusion_models" / "z_image_turbo_bf16.safetensors", r / "text_encoders" / "qwen_3_4b.safetensors",
-                r / "vae" / "ae.safetensors"]
+        return [self.root / sub / name for sub, name in graphs.MODEL_FILES.items()]
 
     def source(self):
-        from zimage_turbo.engine.files.model_files import SplitFiles
-
         f = self.split_files()
-        return SplitFiles(f[0], f[1], f[2], self.root / "qwen_tokenizer")
+        return self.eng("files.model_files").SplitFiles(f[0], f[1], f[2], self.root / "qwen_tokenizer")
 
     def start_comfy(self):
-        from comfy_inprocess import InProcessComfy, link_models, link_package
-
         base = Path(self.args.work) / "comfy_base"
         link_models(base, self.root)
         link_package(base, REPO)
@@ -199,27 +193,25 @@ class Bench:
 
     # --------------------------------------------------------------- runs
 
-    def ours_run(self, prompt, seed, loras="[]", memory="resident", compile_mode="auto", outputs=("sample",)):
-        from comfy_inprocess import package_graph
-
-        graph, ids = package_graph(prompt, seed, self.size, self.steps, loras=loras, memory=memory,
-                                   compile_mode=compile_mode, dtype="fp32" if self.args.tiny else "bf16")
-        seconds = self.comfy.run(graph, [ids[o] for o in outputs], executor="ours")
+    def ours_run(self, prompt, seed, loras=(), memory="resident", compile_mode="auto"):
+        """Our nodes up to the sampler (no probe, no saving): seconds and the generation's report."""
+        graph = graphs.api_graph(prompt=prompt, seed=seed, width=self.size, height=self.size, steps=self.steps,
+                                 loras=loras, memory=memory, compile=compile_mode,
+                                 dtype="fp32" if self.args.tiny else "bf16")
+        seconds = self.comfy.run(graph, [graphs.SAMPLER], executor="ours")
         return seconds, self.ours_pipe().last_report
 
     def eng(self, name: str):
-        """The engine module the nodes use inside ComfyUI (ComfyUI imports this package under its own name)."""
-        return self.comfy.package_module(f"engine.{name}")
+        """An engine module as the nodes use it inside ComfyUI (ComfyUI imports this package under its own name)."""
+        return self.comfy.package_module(f"zimage_turbo.engine.{name}")
 
     def ours_pipe(self):
-        pipes = self.eng("pipeline").cached_pipelines()
+        pipes = self.eng("sampling.pipeline").cached_pipelines()
         return pipes[0] if pipes else None
 
     def native_run(self, prompt, seed, upto="decode"):
-        from comfy_inprocess import native_zimage_graph
-
-        graph, ids = native_zimage_graph(prompt, seed, self.size, self.steps)
-        return self.comfy.run(graph, [ids[upto]], executor="native")
+        graph = graphs.native_graph(prompt=prompt, seed=seed, width=self.size, height=self.size, steps=self.steps)
+        return self.comfy.run(graph, [graphs.NATIVE[upto]], executor="native")
 
     def diffusers_run(self, prompt, seed):
         gen = torch.Generator("cpu").manual_seed(seed)
@@ -238,8 +230,9 @@ class Bench:
                 "page_cache_read_gb_s": warm / 1e9}
 
     def s_load_ours(self):
-        from zimage_turbo.engine.files.model_files import COMPONENTS
-        from zimage_turbo.engine.sampling.pipeline import get_pipeline, release_all
+        COMPONENTS = self.eng("files.model_files").COMPONENTS
+        pipeline = self.eng("sampling.pipeline")
+        get_pipeline, release_all = pipeline.get_pipeline, pipeline.release_all
 
         files = self.split_files()
         release_all()
@@ -322,8 +315,8 @@ class Bench:
     def overhead_parts(self):
         """What the sampler node does besides generate(): fetch the cached pipeline, tell ComfyUI it is loaded."""
         pipe = self.ours_pipe()
-        runtime = self.comfy.package_module("nodes.comfy_runtime")
-        get_pipeline = self.eng("pipeline").get_pipeline
+        runtime = self.comfy.package_module("zimage_turbo.nodes.comfy_runtime")
+        get_pipeline = self.eng("sampling.pipeline").get_pipeline
         t_get = median([timed(lambda: get_pipeline(pipe.comps.source, pipe.device, pipe.dtype, pipe.memory,
                                                    pipe.compile_mode))[0] for _ in range(5)])
         t_reg = median([timed(lambda: runtime.register_with_model_manager(pipe))[0] for _ in range(5)])
@@ -389,11 +382,11 @@ class Bench:
         return out
 
     def s_lora(self):
-        GenerationRequest = self.eng("pipeline").GenerationRequest
+        GenerationRequest = self.eng("sampling.pipeline").GenerationRequest
 
         loras = self.root / "loras"
         a, b = "style_a_r32.safetensors", "style_b_r32.safetensors"
-        row = lambda name, s: json.dumps([{"lora": name, "strength": s, "on": True}])
+        row = lambda name, s: [{"lora": name, "strength": s, "on": True}]
         out = {"lora_file_bytes": (loras / a).stat().st_size}
         p, s = self.next_prompt()
         t_first, rep = self.ours_run(p, s, loras=row(a, 0.8))
@@ -413,7 +406,7 @@ class Bench:
             t, rep = self.ours_run(p, s, loras=row(b if i % 2 == 0 else a, 0.8))  # another file into the slot
             switch_new.append(rep.lora_s)
             p, s = self.next_prompt()
-            t, rep = self.ours_run(p, s, loras=json.dumps([{"lora": a, "strength": 0.8, "on": False}]))
+            t, rep = self.ours_run(p, s, loras=[{"lora": a, "strength": 0.8, "on": False}])
             toggles.append(rep.lora_s)
         out["strength_change_apply_s"] = stats(strength)
         out["other_file_into_slot_apply_s"] = stats(switch_new)
@@ -438,7 +431,7 @@ class Bench:
 
     def s_correctness(self):
         """Our image vs diffusers' on the same weights, prompt and seed (bf16)."""
-        GenerationRequest = self.eng("pipeline").GenerationRequest
+        GenerationRequest = self.eng("sampling.pipeline").GenerationRequest
 
         prompt, seed = "a lighthouse on a cliff at dawn, 灯塔, 清晨", 1234
         ours = self.ours_pipe().generate(GenerationRequest(prompt, width=self.size, height=self.size, seed=seed)).images
@@ -494,7 +487,7 @@ class Bench:
 
     def s_levers(self):
         """Each speed lever on its own (ours), so the README can say what each is worth."""
-        GenerationRequest = self.eng("pipeline").GenerationRequest
+        GenerationRequest = self.eng("sampling.pipeline").GenerationRequest
 
         out = {}
         pipe = self.ours_pipe()
@@ -588,9 +581,9 @@ def main() -> int:
     print(f"device {b.device_name}; out {b.out_base}", flush=True)
     if want("disk"):
         b.section("disk", b.s_disk)
+    b.start_comfy()  # before loading: every section uses the engine ComfyUI imported (one copy in the process)
     if want("load"):
         b.section("load_ours", b.s_load_ours)
-    b.start_comfy()
     b.section("load_diffusers", b.s_load_diffusers)
     if args.tiny:
         b.native_run = lambda p, s, upto="decode": b.ours_run(p, s)[0]  # ComfyUI cannot run the tiny model natively

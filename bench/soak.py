@@ -16,10 +16,10 @@ mixed in. It checks that:
   * after >= 100 LoRA switches the no-LoRA baseline queued first gives bit-identical pixels again.
 
     # CPU, the tiny random-weight model built on the spot (the short form runs in `make test`):
-    .venv/bin/python bench/soak.py --tiny
-    .venv/bin/python bench/soak.py --tiny --short
+    .venv/bin/python -m bench.soak --tiny
+    .venv/bin/python -m bench.soak --tiny --short
     # GPU machine, the true-size random weights of bench/build_model.py (bf16, compile on, 256..1024 px):
-    python3 bench/soak.py --root /tmp/zfull          # or: bench/gpu_run.sh soak:
+    python3 -m bench.soak --root /tmp/zfull          # or: bench/gpu_run.sh soak:
     # the client needs websocket-client and Pillow; ComfyUI runs with a blank front end if its package is missing
 
 Writes bench/results/soak/<YYYY-MM-DD>-<device>.json and .md (--out; the short form adds -short to the name).
@@ -39,6 +39,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -47,16 +48,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devtools.graphs import (FRONT_STACK, LOADER, MODEL, MODEL_FILES, PROBE, SAMPLER, SAVE, STACK, TEXT_ENCODER, VAE,
+                             api_graph)
+from scripts.comfy_client import COMFY_DIR, ComfyClient, ComfyError, ComfyServer, front_end_args
+
 REPO = Path(__file__).resolve().parent.parent
-for _p in (REPO, REPO / "scripts", REPO / "tests"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from comfy_client import COMFY_DIR, ComfyClient, ComfyError, ComfyServer, front_end_args
-from model_names import MODEL, TEXT_ENCODER, VAE
-
 RESULTS_DIR = REPO / "bench" / "results" / "soak"
-LOADER, STACK, SAMPLER, PROBE, SAVE, FRONT_STACK = "1", "2", "3", "4", "5", "6"  # node ids of every graph
 # Exception types that mean "a bug escaped", never a message meant for a user.
 RAW_ERROR_TYPES = {"KeyError", "TypeError", "ValueError", "AttributeError", "IndexError", "RuntimeError",
                    "ZeroDivisionError", "AssertionError", "NameError", "UnboundLocalError", "OverflowError",
@@ -143,16 +140,12 @@ def tiny_setup(workdir: Path, built=None, lora_paths=None) -> ModelSetup:
     """The tiny model (real classes, random weights) under the real file names, plus one LoRA per key format.
 
     `built` / `lora_paths`: reuse what tests/conftest.py's `tiny` fixture built instead of building again."""
-    from devtools import model_builder
+    from devtools import install_tiny_models
 
-    if built is None:
-        built = model_builder.build_random_model(Path(workdir) / "tiny", "zit_tiny", model_builder.TINY, seed=0)
-    if lora_paths is None:
-        lora_paths = []
-        for i, fmt in enumerate(model_builder.LORA_FORMATS):
-            path = Path(workdir) / "tiny" / "loras" / f"tiny_{fmt}.safetensors"
-            model_builder.build_random_lora(path, model_builder.TINY.transformer, fmt, rank=4, alpha=2.0, seed=10 + i)
-            lora_paths.append(path)
+    if built is None or lora_paths is None:
+        new_built, new_loras = install_tiny_models.build(Path(workdir) / "tiny")
+        built = new_built if built is None else built
+        lora_paths = list(new_loras.values()) if lora_paths is None else lora_paths
     lora_paths = [Path(p) for p in lora_paths]
     return ModelSetup(
         MODEL, TEXT_ENCODER, VAE, [p.name for p in lora_paths],
@@ -170,12 +163,11 @@ def root_setup(root: Path, workdir: Path, min_loras: int = 3) -> ModelSetup:
     root = Path(root)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
-        raise SoakSetupError(f"{manifest_path} not found: build the model first (python3 bench/build_model.py "
+        raise SoakSetupError(f"{manifest_path} not found: build the model first (python3 -m bench.build_model "
                              f"--root {root}).")
     manifest = json.loads(manifest_path.read_text())
-    names = {"diffusion_models": MODEL, "text_encoders": TEXT_ENCODER, "vae": VAE}
     files = {}
-    for sub, name in names.items():
+    for sub, name in MODEL_FILES.items():
         if not (root / sub / name).is_file():
             raise SoakSetupError(f"{root / sub / name} is missing (see bench/build_model.py for the layout).")
         files[sub] = [(root / sub / name, name)]
@@ -206,24 +198,13 @@ def root_setup(root: Path, workdir: Path, min_loras: int = 3) -> ModelSetup:
 
 def build_graph(setup: ModelSetup, cfg: SoakConfig, *, rows: list, seed: int, width: int, height: int, prompt: str,
                 steps: int | None = None, shift: float = 3.0, split: int | None = None, prefix: str = "soak") -> dict:
-    """Loader -> LoRA Stack (-> chained in front: a second stack when `split`) -> Sampler -> Probe -> SaveImage."""
-    front, back = (rows[:split], rows[split:]) if split is not None else ([], rows)
-    graph = {
-        LOADER: {"class_type": "ZImageTurboLoader", "inputs": {
-            "model": setup.model, "text_encoder": setup.text_encoder, "vae": setup.vae, "dtype": cfg.dtype,
-            "device": "auto", "memory": cfg.memory, "compile": cfg.compile}},
-        STACK: {"class_type": "ZImageTurboLoraStack", "inputs": {"loras": json.dumps(back)}},
-        SAMPLER: {"class_type": "ZImageTurboSampler", "inputs": {
-            "pipe": [LOADER, 0], "lora_stack": [STACK, 0], "prompt": prompt, "negative_prompt": "", "width": width,
-            "height": height, "steps": cfg.steps if steps is None else steps, "cfg": 0.0, "shift": shift,
-            "seed": seed, "batch_size": 1}},
-        PROBE: {"class_type": "ZImageTurboProbe", "inputs": {"images": [SAMPLER, 0], "report": [SAMPLER, 2]}},
-        SAVE: {"class_type": "SaveImage", "inputs": {"images": [PROBE, 0], "filename_prefix": prefix}},
-    }
-    if split is not None:
-        graph[FRONT_STACK] = {"class_type": "ZImageTurboLoraStack", "inputs": {"loras": json.dumps(front)}}
-        graph[STACK]["inputs"]["lora_stack"] = [FRONT_STACK, 0]
-    return graph
+    """The pack's graph (devtools.graphs.api_graph); with `split`, the rows before it go to a second stack chained
+    in front."""
+    front, back = (rows[:split], rows[split:]) if split is not None else (None, rows)
+    return api_graph(model=setup.model, text_encoder=setup.text_encoder, vae=setup.vae, dtype=cfg.dtype,
+                     memory=cfg.memory, compile=cfg.compile, loras=back, front_loras=front, prompt=prompt, seed=seed,
+                     width=width, height=height, steps=cfg.steps if steps is None else steps, shift=shift,
+                     prefix=prefix)
 
 
 def set_rows(graph: dict, rows_json: str) -> dict:
@@ -973,7 +954,7 @@ def job_record(j: Job) -> dict:
                 "lora_active": j.probe.get("lora"), "reference": {k: v for k, v in j.reference.items() if k != "file"}})
     steps = j.probe.get("step_s") or []
     if steps:  # the generation's own denoise step times (probe), to compare runs at equal sizes
-        rec["step_ms_median"] = round(1000 * sorted(steps)[len(steps) // 2], 2)
+        rec["step_ms_median"] = round(1000 * statistics.median_high(steps), 2)
     return rec
 
 

@@ -42,6 +42,7 @@ class PromptResult:
     error: dict | None = None
     history: dict | None = None
     seconds: float = 0.0
+    started_s: float | None = None  # execution_start, seconds after the POST
     first_progress_s: float | None = None
 
     def outputs(self) -> dict:
@@ -60,13 +61,17 @@ class PromptResult:
                 if m.get("type") == "executing" and m.get("data", {}).get("node") is not None]
 
 
-def follow(result: PromptResult, msg: dict, t0: float, on_message=None) -> bool:
-    """Record one websocket message of `result`'s prompt; True once the prompt has ended."""
+def follow(result: PromptResult, msg: dict, t0: float, on_message=None, now: float | None = None) -> bool:
+    """Record one websocket message of `result`'s prompt (queued at perf_counter `t0`; `now`: when the message
+    arrived, default now); True once the prompt has ended. The one reading of ComfyUI's message kinds."""
     data = msg.get("data") or {}
     result.messages.append(msg)
     kind = msg.get("type")
+    since = (time.perf_counter() if now is None else now) - t0
+    if kind == "execution_start" and result.started_s is None:
+        result.started_s = since
     if kind == "progress" and result.first_progress_s is None:
-        result.first_progress_s = time.perf_counter() - t0
+        result.first_progress_s = since
     if on_message is not None:
         on_message(result, msg)
     if kind == "execution_error":
@@ -134,38 +139,16 @@ class ComfyClient:
 
     # ---- queue and wait on the websocket
     def run(self, prompt: dict, timeout: float = 600) -> PromptResult:
-        """Queue `prompt` and follow it on the websocket until it succeeds, fails or is interrupted."""
-        import websocket  # websocket-client
+        """Queue `prompt` and follow it on the websocket until it succeeds, fails or is interrupted.
 
-        client_id = uuid.uuid4().hex
-        ws = websocket.create_connection(f"{self.ws_url}?clientId={client_id}", timeout=timeout)
-        try:
-            t0 = time.perf_counter()
-            status, body = self.queue(prompt, client_id)
-            if status != 200:
-                raise ComfyError(f"prompt rejected ({status}): {json.dumps(body)[:2000]}")
-            pid = body["prompt_id"]
-            result = PromptResult(pid, "pending")
-            while True:
-                raw = ws.recv()
-                if isinstance(raw, bytes):
-                    continue  # previews
-                msg = json.loads(raw)
-                data = msg.get("data", {})
-                if data.get("prompt_id") not in (None, pid):
-                    continue
-                if data.get("prompt_id") is None and msg.get("type") == "executing":
-                    continue  # an idle "executing" broadcast of no prompt is not this prompt's end
-                if follow(result, msg, t0):
-                    break
-            result.seconds = time.perf_counter() - t0
-        finally:
-            ws.close()
-        for _ in range(50):  # history is written just after the last message
-            result.history = self.history(pid)
-            if result.history:
-                break
-            time.sleep(0.05)
+        Raises ComfyError when the prompt is refused, does not end within `timeout` or the connection drops."""
+        with self.session(connect_timeout=timeout) as session:
+            result = session.run(prompt, timeout=timeout)
+        if result.status == "rejected":
+            raise ComfyError(f"prompt rejected ({result.error['http_status']}): "
+                             f"{json.dumps(result.error['body'], default=str)[:2000]}")
+        if result.status in ("timeout", "disconnected"):
+            raise ComfyError(f"prompt {result.prompt_id}: {result.status}: {result.error or f'{timeout} s'}")
         return result
 
 

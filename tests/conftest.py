@@ -14,8 +14,6 @@ REPO = Path(__file__).resolve().parent.parent
 from devtools import model_builder
 from devtools.model_builder import LORA_FORMATS, TINY
 
-from model_names import MODEL, STYLE_LORAS, TEXT_ENCODER, VAE
-
 torch.set_num_threads(2)
 
 
@@ -57,7 +55,8 @@ def comfy(tiny, tmp_path_factory):
     Its model folders hold the tiny model under the real file names, the tiny LoRAs (also
     under the style LoRA names), and a few bad files for the error paths.
     """
-    from comfy_client import COMFY_DIR, ComfyServer, place_tiny_model
+    from devtools import install_tiny_models
+    from scripts.comfy_client import COMFY_DIR, ComfyServer
 
     if not (COMFY_DIR / "main.py").is_file():
         pytest.fail(f"ComfyUI is not set up in {COMFY_DIR}: run `make test` (or scripts/setup.sh) first.")
@@ -66,13 +65,9 @@ def comfy(tiny, tmp_path_factory):
     server.prepare()
     models = base / "models"
     built = tiny["built"]
-    # The tiny model under the file names of the real one, as the workflows expect them.
-    shutil.copy(built.transformer_file, models / "diffusion_models" / MODEL)
-    shutil.copy(built.text_encoder_file, models / "text_encoders" / TEXT_ENCODER)
-    shutil.copy(built.vae_file, models / "vae" / VAE)
-    place_tiny_model(models, built, [p for p, _ in tiny["loras"].values()] + [tiny["foreign_lora"]])
-    for i, name in enumerate(STYLE_LORAS.values()):
-        shutil.copy(tiny["loras"][LORA_FORMATS[i]][0], models / "loras" / name)
+    # The tiny model under the file names the workflows expect, placed as contributors place it.
+    install_tiny_models.install(models, built, {fmt: path for fmt, (path, _) in tiny["loras"].items()})
+    shutil.copy(tiny["foreign_lora"], models / "loras" / tiny["foreign_lora"].name)
     # Bad files for the error paths.
     torch.save({"w": torch.zeros(2)}, models / "diffusion_models" / "pickled_model.ckpt")
     (models / "diffusion_models" / "corrupt.safetensors").write_bytes(built.transformer_file.read_bytes()[:5000])

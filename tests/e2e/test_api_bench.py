@@ -23,7 +23,7 @@ PRELOAD_KEYS = ("preload_ready_s", "first_image_preloaded_s", "first_lora_image_
 
 @pytest.fixture(scope="module")
 def run(tiny, tmp_path_factory):
-    from comfy_client import COMFY_DIR
+    from scripts.comfy_client import COMFY_DIR
 
     if not (COMFY_DIR / "main.py").is_file():
         pytest.fail(f"ComfyUI is not set up in {COMFY_DIR}: run `make test` (or scripts/setup.sh) first.")

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from bench import load_test
+from devtools.graphs import LOADER, MODEL, SAMPLER, TEXT_ENCODER, VAE
 from graphs import api_prompt
-from model_names import MODEL, TEXT_ENCODER, VAE
 
 REPO = load_test.REPO
 NOTE = "tiny random-weight model of the test fixture"
@@ -46,8 +46,8 @@ def test_every_request_succeeds_with_its_own_seed_and_prompt(report):
 
 def test_nothing_was_served_from_a_cache(report):
     for r in report["requests"]:
-        assert "2" not in r["cached_nodes"], "the sampler output came from ComfyUI's cache"
-        assert "1" in r["cached_nodes"], "the loader should stay cached: the model is loaded once"
+        assert SAMPLER not in r["cached_nodes"], "the sampler output came from ComfyUI's cache"
+        assert LOADER in r["cached_nodes"], "the loader should stay cached: the model is loaded once"
         assert r["probe"]["embedding_cache_hit"] is False
     assert all(lvl["result_cache_hits"] == lvl["embedding_cache_hits"] == 0 for lvl in report["levels"])
     assert report["warnings"] == []
@@ -100,10 +100,10 @@ def test_markdown_json_and_png_are_written(comfy, report, tmp_path):
                 "warmup", "levels", "requests"):
         assert key in data, key
     assert data["comfyui"]["url"] == report["comfyui"]["url"] and data["comfyui"]["version"]
-    assert data["workflow"]["graph"]["2"]["class_type"] == "ZImageTurboSampler"
+    assert data["workflow"]["graph"][SAMPLER]["class_type"] == "ZImageTurboSampler"
     # The built-in graph gets any loader input it does not set from the server, so it stays valid.
     loader_spec = comfy.client.object_info()["ZImageTurboLoader"]["input"]["required"]
-    assert set(loader_spec) <= set(data["workflow"]["graph"]["1"]["inputs"])
+    assert set(loader_spec) <= set(data["workflow"]["graph"][LOADER]["inputs"])
     assert len(data["requests"]) == len(LEVELS) * REQUESTS
     with Image.open(paths["png"]) as img:
         img.verify()
@@ -155,13 +155,13 @@ def test_workflow_files_are_checked(tmp_path):
 
 def test_cli_with_an_api_workflow_file(comfy, tmp_path):
     workflow = tmp_path / "workflow_api.json"
-    # api_prompt has a LoRA stack node, unlike the built-in graph; bf16 reuses the pipeline the server holds.
+    # bf16 reuses the pipeline the server holds.
     workflow.write_text(json.dumps(api_prompt(width=64, height=48, steps=2, dtype="bf16")))
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "load_test.py"), "--port", str(comfy.port), "--workflow", str(workflow),
+        [sys.executable, "-m", "bench.load_test", "--port", str(comfy.port), "--workflow", str(workflow),
          "--levels", "1,2", "--requests", "2", "--out", str(out), "--label", "cli test", "--model-note", NOTE],
-        capture_output=True, text=True, timeout=120, check=False)
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"model files (loader node 1): model={MODEL}, text_encoder={TEXT_ENCODER}, vae={VAE}" in proc.stdout
     assert "| 2 | 2 | 2 | 0 (0%) |" in proc.stdout

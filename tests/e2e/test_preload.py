@@ -27,7 +27,7 @@ def place(models, built):
 
 @pytest.fixture(scope="module")
 def servers(tiny, tmp_path_factory):
-    from comfy_client import COMFY_DIR, ComfyServer
+    from scripts.comfy_client import COMFY_DIR, ComfyServer
 
     if not (COMFY_DIR / "main.py").is_file():
         pytest.fail(f"ComfyUI is not set up in {COMFY_DIR}: run `make test` (or scripts/setup.sh) first.")

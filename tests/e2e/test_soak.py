@@ -13,7 +13,7 @@ from bench import soak
 
 @pytest.fixture(scope="module")
 def result(tiny, tmp_path_factory):
-    from comfy_client import COMFY_DIR
+    from scripts.comfy_client import COMFY_DIR
 
     if not (COMFY_DIR / "main.py").is_file():
         pytest.fail(f"ComfyUI is not set up in {COMFY_DIR}: run `make test` (or scripts/setup.sh) first.")
