@@ -33,7 +33,17 @@ from .files.model_files import (
     resolve_device,
     resolve_dtype,
 )
-from .lora import LoraSpec, check_strength, combine_stack
+from .lora import (
+    LoraSpec,
+    TriggerWords,
+    check_strength,
+    combine_stack,
+    common_stack_of,
+    common_stack_rows,
+    prompt_with_trigger_words,
+    read_trigger_words,
+    stack_trigger_words,
+)
 from .probing.device_stats import nvml_snapshot
 from .probing.report import RunReport
 from .sampling import pipeline as _pipeline
@@ -48,6 +58,9 @@ __all__ = [
     "OutOfMemoryError", "PipelineStatus", "RunReport", "SplitFiles", "TurboPipeline", "ZImageError",
     "check_strength", "combine_stack", "find_loaded", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "loaded", "release", "release_all", "resolve_device",
     "resolve_dtype",
+    # LoRA stacks: ComfyUI's common LORA_STACK type in and out, trigger words
+    "TriggerWords", "common_stack_of", "common_stack_rows", "prompt_with_trigger_words", "read_trigger_words",
+    "stack_trigger_words",
 ]
 
 

@@ -103,10 +103,12 @@ def test_lora_for_another_model_size_is_refused(tmp_path, pipe):
         pipe.generate(REQ, [LoraSpec(path, 1.0)])
 
 
-def test_lokr_is_refused(tmp_path, pipe):
-    path = tmp_path / "lokr.safetensors"
-    save_file({"layers.0.attention.to_q.lokr_w1": torch.zeros(2, 2), "layers.0.attention.to_q.lokr_w2": torch.zeros(32, 32)}, str(path))
-    with pytest.raises(LoraKeyError, match="LoKr"):
+def test_dora_is_refused_by_name(tmp_path, pipe):
+    path = tmp_path / "dora.safetensors"
+    save_file({"transformer.layers.0.attention.to_q.lora_A.weight": torch.zeros(4, 64),
+               "transformer.layers.0.attention.to_q.lora_B.weight": torch.zeros(64, 4),
+               "transformer.layers.0.attention.to_q.lora_magnitude_vector": torch.ones(64)}, str(path))
+    with pytest.raises(LoraKeyError, match="DoRA adapter .*lora_magnitude_vector.*LyCORIS LoKr and LoHa"):
         pipe.generate(REQ, [LoraSpec(path, 1.0)])
 
 

@@ -10,6 +10,13 @@ How an active stack runs is chosen per apply (LoraManager):
              +12 % per step at 1024²); no extra copy of any weight. The fallback.
 With every LoRA off the untouched (or restored) base weights run alone: bit-identical to never
 having loaded a LoRA.
+
+LoKr, LoHa and full-weight diffs (and bias diffs) change whole matrices, not a low-rank pair: they run
+merged only, each layer's dense delta made on the device from the file's factors at merge time. A
+stack that holds one and would run as adapters (low_vram, not enough memory for the spare copies,
+ZIMAGE_TURBO_LORA_MODE=adapters) is refused before anything changes, saying why and what to do: a
+dense delta beside a streamed or unmerged layer would cost as much memory as the spare copy the
+merged path was refused for.
 """
 
 from __future__ import annotations
@@ -25,9 +32,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import InvalidSettingError
-from .lora_files import LORA_FILES, LoraFileCache, ParsedLora, linear_modules
+from ..errors import InvalidSettingError, LoraKeyError
+from .deltas import KIND_NAMES, DenseDelta
+from .lora_files import LORA_FILES, LoraFileCache, ParsedLora, biased_modules, linear_modules
 from .stack import LoraSpec, check_strength, combine_stack
+
+
+@dataclass
+class _OnDevice:
+    """One file's change to one layer, on the weights' device (alpha/rank etc. folded in)."""
+
+    down: torch.Tensor | None = None  # [r, in], weights' dtype
+    up: torch.Tensor | None = None  # [out, r] * scale, weights' dtype
+    dense: DenseDelta | None = None  # factors on the device; the dense delta is made at merge time
+    bias: torch.Tensor | None = None  # [out], float32
 
 
 @dataclass
@@ -97,7 +115,8 @@ class LoraManager:
         self.files = files
         self.modules = linear_modules(transformer)
         # Parsed files are only valid for a model with these exact layers.
-        self.signature = hashlib.sha1(repr(sorted(self.modules.items())).encode()).hexdigest()
+        self.biased = biased_modules(transformer)
+        self.signature = hashlib.sha1(repr((sorted(self.modules.items()), sorted(self.biased))).encode()).hexdigest()
         # The base Linear of every LoRA-able module (PEFT keeps the same object as its base_layer).
         self.linears: dict[str, nn.Linear] = {
             n: getattr(transformer.get_submodule(n), "base_layer", transformer.get_submodule(n)) for n in self.modules
@@ -111,6 +130,8 @@ class LoraManager:
         self.device_copies: OrderedDict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.originals: dict[str, torch.Tensor] = {}  # module -> spare copy of its base weight
         self.merged: set[str] = set()  # modules whose base weight now holds a merge
+        self.bias_originals: dict[str, torch.Tensor] = {}  # module -> spare copy of its bias (diff_b files)
+        self.merged_bias: set[str] = set()
         # adapter slots (built on first use of the adapters path)
         self.slot_rank = 0
         self.slot_files: list[str | None] = []  # slot -> adapter name of the file it holds
@@ -132,7 +153,7 @@ class LoraManager:
             strength = check_strength(float(spec.strength))
             if strength == 0:
                 continue
-            parsed, hit = self.files.get(spec.path, self.modules, self.signature)
+            parsed, hit = self.files.get(spec.path, self.modules, self.signature, self.biased)
             report.files_read += 0 if hit else 1
             name = parsed.adapter_name
             parsed_by_name[name] = parsed
@@ -144,13 +165,15 @@ class LoraManager:
         order = sorted(wanted, key=lambda n: (parsed_by_name[n].path.name, parsed_by_name[n].file_id.size, n))
         state = tuple((n, wanted[n]) for n in order)
         targets = set().union(*(parsed_by_name[n].targets for n in order)) if order else set()
-        path = ("merged" if self._merge_fits(targets) else "adapters") if state else ""
+        path = ("merged" if self._merge_fits(targets, [parsed_by_name[n] for n in order]) else "adapters") if state else ""
+        if path == "adapters":
+            self._refuse_dense_on_adapters([parsed_by_name[n] for n in order])
         if state != self.current or path != self.path or self._stale:
             if path == "merged":
                 self._set_adapters([], {})
                 self._merge(state, parsed_by_name, targets)
             else:
-                self._restore(set(self.merged))
+                self._restore_all()
                 if path == "adapters":
                     self._fill_slots(order, parsed_by_name, report)
                     self._set_adapters([f"slot{i}" for i in range(len(order))],
@@ -163,7 +186,8 @@ class LoraManager:
         report.why_adapters = self.why_adapters if self.path == "adapters" else ""
         report.active = [
             {"file": parsed_by_name[n].path.name, "strength": s, "format": parsed_by_name[n].format,
-             "layers": len(parsed_by_name[n].targets), "rank": parsed_by_name[n].ranks, "order": order.index(n)}
+             "kind": "+".join(parsed_by_name[n].kinds), "layers": len(parsed_by_name[n].targets),
+             "rank": parsed_by_name[n].ranks, "order": order.index(n)}
             for n, s in wanted.items()
         ]
         report.seconds = time.perf_counter() - t0
@@ -186,8 +210,9 @@ class LoraManager:
 
     def unmerge(self) -> None:
         """Put every merged base weight back (exactly) and forget the spare copies."""
-        self._restore(set(self.merged))
+        self._restore_all()
         self.originals.clear()
+        self.bias_originals.clear()
         if self.path == "merged":
             self._stale = True
 
@@ -204,8 +229,8 @@ class LoraManager:
 
     # ------------------------------------------------------------ device copies
 
-    def _on_device(self, parsed: ParsedLora) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """module -> (down [r, in], up * alpha / r [out, r]) on the weights' device and dtype, cached."""
+    def _on_device(self, parsed: ParsedLora) -> dict[str, _OnDevice]:
+        """module -> the file's change on the weights' device (low-rank: down, up * scale), cached."""
         name = parsed.adapter_name
         hit = self.device_copies.get(name)
         if hit is not None:
@@ -214,9 +239,16 @@ class LoraManager:
         ref = next(iter(self.linears.values())).weight
         out = {}
         for module, t in parsed.targets.items():
-            down = t.down.to(device=ref.device, dtype=torch.float32, non_blocking=True)
-            up = t.up.to(device=ref.device, dtype=torch.float32, non_blocking=True) * (t.alpha / t.rank)
-            out[module] = (down.to(ref.dtype), up.to(ref.dtype))  # alpha/rank folded in: scale = strength
+            entry = _OnDevice()
+            if t.low_rank is not None:
+                down = t.low_rank.down.to(device=ref.device, dtype=torch.float32, non_blocking=True)
+                up = t.low_rank.up.to(device=ref.device, dtype=torch.float32, non_blocking=True) * t.low_rank.scale
+                entry.down, entry.up = down.to(ref.dtype), up.to(ref.dtype)  # scale folded in: scale = strength
+            if t.dense is not None:
+                entry.dense = t.dense.to(ref.device)
+            if t.bias is not None:
+                entry.bias = t.bias.to(device=ref.device, dtype=torch.float32, non_blocking=True)
+            out[module] = entry
         self.device_copies[name] = out
         while len(self.device_copies) > DEVICE_COPIES:
             self.device_copies.popitem(last=False)
@@ -224,7 +256,7 @@ class LoraManager:
 
     # ------------------------------------------------------------ merging
 
-    def _merge_fits(self, targets: set[str]) -> bool:
+    def _merge_fits(self, targets: set[str], files: list[ParsedLora] = ()) -> bool:
         """Merge when allowed and the spare copies still missing fit with headroom to spare."""
         if self.mode == "adapters":
             self.why_adapters = f"{LORA_MODE_ENV}=adapters"
@@ -232,11 +264,20 @@ class LoraManager:
         if not self.allow_merge:
             self.why_adapters = "the transformer streams (low_vram): its weights cannot be merged"
             return False
-        missing = targets - set(self.originals)
+        weights = {m for p in files for m, t in p.targets.items() if t.low_rank is not None or t.dense is not None}
+        biases = {m for p in files for m, t in p.targets.items() if t.bias is not None}
+        if not files:
+            weights = set(targets)
+        missing = weights - set(self.originals)
+        missing_bias = biases - set(self.bias_originals)
         need = sum(self.linears[m].weight.numel() * self.linears[m].weight.element_size() for m in missing)
+        need += sum(self.linears[m].bias.numel() * self.linears[m].bias.element_size() for m in missing_bias)
+        # The largest dense delta is made in float32 during a merge, one layer at a time.
+        need += max((4 * self.linears[m].weight.numel() for p in files for m, t in p.targets.items()
+                     if t.dense is not None), default=0)
         if self.mode == "merge" or need == 0:
             return True
-        free = _free_bytes(self.linears[next(iter(missing))].weight.device)
+        free = _free_bytes(next(iter(self.linears.values())).weight.device)
         if free >= need + MERGE_HEADROOM_BYTES:
             return True
         gib = 1024**3
@@ -245,30 +286,88 @@ class LoraManager:
         return False
 
     def _merge(self, state, parsed_by_name: dict[str, ParsedLora], targets: set[str]) -> None:
-        """W = W0 + sum(strength * up @ down) for every module the stack touches; the others hold W0."""
-        self._restore(self.merged - targets)
+        """W = W0 + sum(strength * delta) for every module the stack touches; the others hold W0."""
         copies = [(self._on_device(parsed_by_name[n]), s) for n, s in state]
+        weight_targets = {m for tensors, _ in copies for m, e in tensors.items() if e.down is not None or e.dense is not None}
+        bias_targets = {m for tensors, _ in copies for m, e in tensors.items() if e.bias is not None}
+        self._restore(self.merged - weight_targets)
+        self._restore_bias(self.merged_bias - bias_targets)
         with torch.no_grad():
-            for module in sorted(targets):
+            for module in sorted(weight_targets):
                 w = self.linears[module].weight
                 w0 = self.originals.get(module)
                 if w0 is None:
                     w0 = self.originals[module] = w.detach().clone()
-                ups, downs = [], []
+                ups, downs, dense = [], [], []
                 for tensors, strength in copies:  # canonical order: the same stack gives the same bits
-                    pair = tensors.get(module)
-                    if pair is not None:
-                        downs.append(pair[0])
-                        ups.append(pair[1] * strength)
-                # One GEMM with W0 as its addend: accumulated in fp32, rounded once into W.
-                torch.addmm(w0, torch.cat(ups, dim=1), torch.cat(downs, dim=0), out=w.data)
+                    entry = tensors.get(module)
+                    if entry is None:
+                        continue
+                    if entry.down is not None:
+                        downs.append(entry.down)
+                        ups.append(entry.up * strength)
+                    if entry.dense is not None:
+                        dense.append((entry.dense, strength))
+                if not dense:
+                    # One GEMM with W0 as its addend: accumulated in fp32, rounded once into W.
+                    torch.addmm(w0, torch.cat(ups, dim=1), torch.cat(downs, dim=0), out=w.data)
+                else:
+                    # Whole-matrix deltas: summed in fp32 with the low-rank part, rounded once into W.
+                    acc = w0.to(torch.float32, copy=True)  # never .float(): on fp32 weights that is W0 itself
+                    if ups:
+                        acc.addmm_(torch.cat(ups, dim=1).float(), torch.cat(downs, dim=0).float())
+                    for delta, strength in dense:
+                        acc.add_(delta.materialize(torch.float32), alpha=strength)
+                    w.data.copy_(acc)
+                    del acc
                 self.merged.add(module)
+            for module in sorted(bias_targets):
+                b = self.linears[module].bias
+                b0 = self.bias_originals.get(module)
+                if b0 is None:
+                    b0 = self.bias_originals[module] = b.detach().clone()
+                acc = b0.to(torch.float32, copy=True)
+                for tensors, strength in copies:
+                    entry = tensors.get(module)
+                    if entry is not None and entry.bias is not None:
+                        acc.add_(entry.bias, alpha=strength)
+                b.data.copy_(acc)
+                self.merged_bias.add(module)
+
+    def _refuse_dense_on_adapters(self, files: list[ParsedLora]) -> None:
+        """A LoKr/LoHa/diff cannot sit in a low-rank adapter slot: refuse the stack, saying why and what to do."""
+        dense = [p for p in files if p.needs_merge]
+        if not dense:
+            return
+        names = ", ".join(f"{p.path.name} ({' + '.join(KIND_NAMES[k] for k in p.kinds if k != 'lora') or 'bias diffs'})"
+                          for p in dense)
+        if self.mode == "adapters":
+            advice = f"unset {LORA_MODE_ENV}=adapters (or set it to merge)"
+        elif not self.allow_merge:
+            advice = "choose the memory mode resident or offload_text_encoder in the Turbo Loader (low_vram streams the weights)"
+        else:
+            advice = (f"free memory on the device (fewer LoRAs at once, a smaller batch), or set {LORA_MODE_ENV}=merge "
+                      "to merge anyway")
+        raise LoraKeyError(
+            f"{names}: changes whole weight matrices, not a low-rank pair, so it runs only merged into the weights; "
+            f"this stack would run as adapters because {self.why_adapters}. Nothing was applied: {advice}."
+        )
 
     def _restore(self, modules: set[str]) -> None:
         with torch.no_grad():
             for module in modules:
                 self.linears[module].weight.data.copy_(self.originals[module])
                 self.merged.discard(module)
+
+    def _restore_bias(self, modules: set[str]) -> None:
+        with torch.no_grad():
+            for module in modules:
+                self.linears[module].bias.data.copy_(self.bias_originals[module])
+                self.merged_bias.discard(module)
+
+    def _restore_all(self) -> None:
+        self._restore(set(self.merged))
+        self._restore_bias(set(self.merged_bias))
 
     # ------------------------------------------------------------ adapter slots
 
@@ -347,12 +446,12 @@ class LoraManager:
             for layer, module in zip(self.layers, self.layer_names):
                 a = layer.lora_A[name].weight
                 b = layer.lora_B[name].weight
-                pair = tensors.get(module)
-                if pair is None:
+                entry = tensors.get(module)
+                if entry is None or entry.down is None:
                     a.zero_()
                     b.zero_()
                     continue
-                down, up = pair
+                down, up = entry.down, entry.up
                 r = down.shape[0]
                 a[:r].copy_(down)
                 a[r:].zero_()
