@@ -14,7 +14,7 @@ should stay flat while latency grows with the level.
     .venv/bin/python -m bench.load_test --start-tiny-server --width 64 --height 64
 
 Writes <stem>.md, <stem>.json (every raw per-request timing) and <stem>.png to bench/results/load/ (--out).
-The client needs websocket-client and Pillow only; nothing in it is specific to CPU or GPU.
+The client needs websocket-client and matplotlib only; nothing in it is specific to CPU or GPU.
 """
 
 from __future__ import annotations
@@ -599,82 +599,38 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the small bitmap font
-        return ImageFont.load_default()
-
-
-def _nice_ceiling(value: float) -> float:
-    """The smallest 1, 2 or 5 x 10^k at or above value: round axis limits."""
-    if value <= 0:
-        return 1.0
-    exp = 10 ** math.floor(math.log10(value))
-    return next(step * exp for step in (1, 2, 5, 10) if step * exp >= value)
-
-
-def _draw_panel(draw, box, levels, series, title):
-    """A line chart of `series` [(name, values, colour)] against the concurrency levels, inside `box`."""
-    x0, y0, x1, y1 = box
-    left, right, top, bottom = x0 + 70, x1 - 20, y0 + 40, y1 - 50
-    values = [v for _, vals, _ in series for v in vals if v is not None]
-    y_max = _nice_ceiling(max(values) * 1.1 if values else 1.0)
-    small, normal = _font(13), _font(16)
-    draw.text((x0 + 10, y0 + 8), title, fill=(20, 20, 20), font=normal)
-    legend_x = right
-    for name, _, colour in reversed(series):  # legend on the title line, right-aligned, clear of the data
-        legend_x -= draw.textlength(name, font=small) + 8
-        draw.text((legend_x, y0 + 12), name, fill=(30, 30, 30), font=small)
-        legend_x -= 26
-        draw.rectangle([legend_x, y0 + 14, legend_x + 18, y0 + 24], fill=colour)
-        legend_x -= 16
-    for i in range(6):  # horizontal grid with labels
-        y = bottom - (bottom - top) * i / 5
-        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
-        draw.text((left - 8, y), f"{y_max * i / 5:.3g}", fill=(60, 60, 60), font=small, anchor="rm")
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill=(60, 60, 60), width=2)
-    xs = [left + (right - left) * (i + 0.5) / len(levels) for i in range(len(levels))]
-    for x, level in zip(xs, levels, strict=True):
-        draw.line([(x, bottom), (x, bottom + 5)], fill=(60, 60, 60))
-        draw.text((x, bottom + 8), str(level), fill=(60, 60, 60), font=small, anchor="mt")
-    draw.text(((left + right) / 2, bottom + 28), "concurrency (prompts in flight)", fill=(60, 60, 60), font=small,
-              anchor="mt")
-    for _name, vals, colour in series:
-        points = [(x, bottom - (bottom - top) * v / y_max) for x, v in zip(xs, vals, strict=True) if v is not None]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=3)
-        for px, py in points:
-            draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=colour)
-
-
 def render_plot(report: dict, path: Path) -> Path:
-    """Throughput and p50/p95 latency against concurrency, as a PNG (Pillow only: no plotting dependency)."""
-    from PIL import Image, ImageDraw
+    """Throughput and p50/p95 latency against concurrency, as a 1200x580 PNG."""
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
 
-    width, height = 1200, 580
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
     levels = [lvl["level"] for lvl in report["levels"]]
     wf = report["workflow"]["settings"]
-    draw.text((20, 14), f"Z-Image-Turbo load test: {report['device_name']}, {report['dtype']}, "
-                        f"{wf['width']}x{wf['height']}, {wf['steps']} steps  ({report['date']})",
-              fill=(0, 0, 0), font=_font(18))
+
+    def series(key):
+        return [math.nan if lvl[key] is None else lvl[key] for lvl in report["levels"]]
+
+    fig = Figure(figsize=(12, 5.8), dpi=100)
+    fig.text(0.015, 0.96, f"Z-Image-Turbo load test: {report['device_name']}, {report['dtype']}, "
+                          f"{wf['width']}x{wf['height']}, {wf['steps']} steps  ({report['date']})", fontsize=13)
     caveat = " ".join(c.replace("**", "") for c in caveats(report))
-    colour = (200, 60, 0) if report["is_cpu"] or report["model_note"] else (90, 90, 90)
-    for n, line in enumerate(textwrap.wrap(caveat, 160)[:3]):
-        draw.text((20, 42 + 17 * n), line, fill=colour, font=_font(13))
-    _draw_panel(draw, (0, 100, width // 2, height), levels,
-                [("images/s", [lvl["images_per_s"] for lvl in report["levels"]], (33, 113, 181))],
-                "Throughput (images / s)")
-    _draw_panel(draw, (width // 2, 100, width, height), levels,
-                [("p50", [lvl["latency_p50_s"] for lvl in report["levels"]], (49, 163, 84)),
-                 ("p95", [lvl["latency_p95_s"] for lvl in report["levels"]], (230, 85, 13))],
-                "End-to-end latency (s)")
+    fig.text(0.015, 0.925, "\n".join(textwrap.wrap(caveat, 170)[:3]), fontsize=8, va="top",
+             color="#c83c00" if report["is_cpu"] or report["model_note"] else "#5a5a5a")
+    panels = fig.subplots(1, 2)
+    x = range(len(levels))  # evenly spaced: levels are few and often 1, 2, 4
+    panels[0].plot(x, series("images_per_s"), "o-", color="#2171b5", label="images/s")
+    panels[1].plot(x, series("latency_p50_s"), "o-", color="#31a354", label="p50")
+    panels[1].plot(x, series("latency_p95_s"), "o-", color="#e6550d", label="p95")
+    for ax, title in zip(panels, ("Throughput (images / s)", "End-to-end latency (s)"), strict=True):
+        ax.set_title(title, loc="left")
+        ax.set_xticks(x, [str(level) for level in levels])
+        ax.set_xlabel("concurrency (prompts in flight)")
+        ax.margins(y=0.15)
+        ax.set_ylim(bottom=0)
+        ax.grid(axis="y", color="#e1e1e1")
+        ax.legend(loc="best")
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.78, bottom=0.12, wspace=0.18)
     path = Path(path)
-    img.save(path)
+    fig.savefig(path, format="png")
     return path
 
 
