@@ -13,8 +13,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from devtools.graphs import MODEL, TEXT_ENCODER, VAE
 from graphs import api_prompt
-from model_names import MODEL, TEXT_ENCODER, VAE
 
 SETTINGS = {"model": MODEL, "text_encoder": TEXT_ENCODER, "vae": VAE, "dtype": "fp32"}  # as api_prompt's loader
 
