@@ -8,6 +8,7 @@ that share a component also share, and never fight over, that state.
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -37,7 +38,9 @@ from ..probing import device_stats
 from ..probing.report import RunReport
 from . import acceleration, compile_cache, fp16_guard
 from .placement import BlockStreamer, apply_plan, check_memory_mode, drop_streamers, plan_for
-from .warmup import CompileWarmup, foreground
+from .warmup import CompileWarmup
+
+log = logging.getLogger("zimage_turbo")
 
 MAX_SIDE = 4096
 MAX_BATCH = 16
@@ -324,16 +327,17 @@ class TurboPipeline:
         self.pending_loads = {}
         device_stats.reset_peak(dev)
         self._apply_memory_mode()
+        t0 = time.perf_counter()
         want = self._apply_compile()
+        if time.perf_counter() - t0 > 0.5:
+            log.info("zimage_turbo: preparing the compiled modules took %.1f s", time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        with foreground():  # a background compile gives way meanwhile (warmup.py)
-            lora_rep: LoraApplyReport = self.tstate.lora.apply(loras)
-            device_stats.synchronize(dev)
+        lora_rep: LoraApplyReport = self.tstate.lora.apply(loras)
+        device_stats.synchronize(dev)
         report.set_lora(lora_rep, time.perf_counter() - t0)
-        # Not marked as foreground: with compile "on" this may wait for the warm-up thread.
         report.compiled, report.compile_path = self._choose_path(want)
-        with acceleration.compiled_calls(report.compiled), foreground():
+        with acceleration.compiled_calls(report.compiled):
             result = self._denoise_and_decode(req, report, lora_rep, t_start, on_step, check_interrupt)
         if report.compiled:
             self._save_compiled()  # only when this run compiled something new
@@ -469,6 +473,8 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
     sharing the pipeline (the nodes) pass their own to generate().
     """
     plan = plan_for(device, memory)
+    if acceleration.wants_compile(compile_mode, device.type):
+        acceleration.prepare_compiler()  # its imports overlap the loading
     with _REGISTRY_LOCK:
         comps = load_components(source, device, dtype, plan.text_encoder_loads_to_host)
         pipe = _PIPELINES.get(comps.keys)

@@ -11,16 +11,16 @@ it. Compiled code is written to disk afterwards (compile_cache.py), so a restart
 States: off (compile not wanted) · pending (wanted, not started) · compiling · compiled ·
 failed (the error is kept; generations stay eager and say why).
 
-The thread gives way to images: tracing is pure Python, and a second thread running it makes an
-eager image wait for the interpreter at each of its thousands of operator calls (measured on an
-H100 at 1024²: eager steps of 0.2 to 4 s instead of 0.13 s, a LoRA read of 14-28 s instead of
-0.6 s). So while any generation of this process runs (foreground()), the thread sleeps at its
-next Python call, within a budget (YIELD_BUDGET_S) so steady traffic cannot starve the compiler.
+The thread shares the interpreter finely while it runs: torch releases the GIL at each operator
+call, and with Python's default 5 ms switch interval an eager image then waits up to 5 ms for
+the tracing thread at each of its thousands of calls (measured on an H100 at 1024²: a LoRA read
+of 14-28 s instead of 0.4 s, steps of 1-4 s instead of 0.17 s). With a 0.1 ms interval those
+waits hide behind the GPU's own work. (A profile hook that put the thread to sleep during images
+was tried: it slowed tracing itself more than twofold.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
@@ -41,48 +41,22 @@ WARM_PROMPT = "a photograph of a lighthouse on a cliff at dusk, waves, soft ligh
 WARM_TOKENS = 64
 BASE_VARIANT = "base"
 
-# Generations running in this process now (any pipeline): the warm-up thread sleeps meanwhile.
-_FOREGROUND = [0]
-_FOREGROUND_LOCK = threading.Lock()
-YIELD_BUDGET_S = 120.0  # most seconds one warm-up spends asleep for images; then it shares the CPU
-YIELD_MAX_PAUSE_S = 15.0  # most seconds of one pause (a bigger eager image, or anything waiting on the tracer)
-YIELD_POLL_S = 0.002
+SWITCH_INTERVAL_S = 1e-4  # Python's thread switch interval while a warm-up runs (default 5e-3)
+_SWITCH_LOCK = threading.Lock()
+_SWITCH_USERS = [0, None]  # warm-up threads running, the interval to restore after the last
 
 
-@contextlib.contextmanager
-def foreground():
-    """Mark a generation as running: the warm-up thread gives way until it ends."""
-    with _FOREGROUND_LOCK:
-        _FOREGROUND[0] += 1
-    try:
-        yield
-    finally:
-        with _FOREGROUND_LOCK:
-            _FOREGROUND[0] -= 1
-
-
-class _GiveWay:
-    """The warm-up thread's profile hook (sys.setprofile, this thread only): at each Python call,
-    while a generation runs, sleep with the interpreter released. The hook is all it costs when
-    nobody generates: one list lookup per call."""
-
-    def __init__(self, budget_s: float = YIELD_BUDGET_S, max_pause_s: float = YIELD_MAX_PAUSE_S):
-        self.left = budget_s
-        self.max_pause = max_pause_s
-        self.slept = 0.0
-        self.pauses = 0
-
-    def __call__(self, frame, event, arg):
-        if not _FOREGROUND[0] or self.left <= 0:
-            return
-        t0 = time.perf_counter()
-        limit = min(self.left, self.max_pause)
-        while _FOREGROUND[0] and time.perf_counter() - t0 < limit:
-            time.sleep(YIELD_POLL_S)
-        waited = time.perf_counter() - t0
-        self.left -= waited
-        self.slept += waited
-        self.pauses += 1
+def _short_switch_interval(on: bool) -> None:
+    with _SWITCH_LOCK:
+        if on:
+            if _SWITCH_USERS[0] == 0:
+                _SWITCH_USERS[1] = sys.getswitchinterval()
+                sys.setswitchinterval(min(SWITCH_INTERVAL_S, _SWITCH_USERS[1]))
+            _SWITCH_USERS[0] += 1
+        else:
+            _SWITCH_USERS[0] -= 1
+            if _SWITCH_USERS[0] == 0:
+                sys.setswitchinterval(_SWITCH_USERS[1])
 
 
 def _transformer_cases(device: torch.device) -> list[tuple[tuple[int, int], int]]:
@@ -105,14 +79,13 @@ class CompileWarmup:
         self.running = False  # changed under self.lock only: a thread is taking variants from the queue
         self.done = threading.Event()
         self.done.set()
-        self.gave_way_s = 0.0  # seconds the last thread slept so that images ran alone
 
     # --------------------------------------------------------------- queries
 
     def status(self) -> dict:
         with self.lock:
             return {"state": self.state, "seconds": self.seconds, "error": self.error,
-                    "variants": sorted(map(str, self.ready)), "gave_way_s": self.gave_way_s}
+                    "variants": sorted(map(str, self.ready))}
 
     def use_compiled(self, variant) -> bool:
         with self.lock:
@@ -172,16 +145,11 @@ class CompileWarmup:
     # ---------------------------------------------------------------- thread
 
     def _run(self) -> None:
-        give_way = _GiveWay()
-        sys.setprofile(give_way)  # this thread only
+        _short_switch_interval(True)
         try:
             self._compile_queue()
         finally:
-            sys.setprofile(None)
-            self.gave_way_s = round(give_way.slept, 3)
-            if give_way.pauses:
-                log.info("zimage_turbo: the background compile gave way to images %d times (%.1f s)",
-                         give_way.pauses, give_way.slept)
+            _short_switch_interval(False)
 
     def _compile_queue(self) -> None:
         pipe = self.pipe
