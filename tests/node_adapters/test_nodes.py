@@ -46,7 +46,7 @@ def test_a_lora_on_twice_is_refused_in_one_node_and_across_chained_stacks(pack):
     twice = json.dumps([{"lora": "a.safetensors", "strength": 0.5, "on": True}] * 2)
     assert "switched on twice" in stack_node(pack).VALIDATE_INPUTS(loras=twice)
     assert stack_node(pack).VALIDATE_INPUTS(loras=one) is True
-    (front,) = stack_node(pack)().stack(one)
+    front = stack_node(pack)().stack(one)[0]
     with pytest.raises(Exception, match="switched on twice"):
         stack_node(pack)().stack(one, lora_stack=front)
     off = json.dumps([{"lora": "a.safetensors", "strength": 0.5, "on": False}])

@@ -5,6 +5,11 @@ CATEGORY = "Z-Image Turbo"
 # Link types between our nodes.
 PIPE_TYPE = "ZIMAGE_TURBO_PIPE"  # the loader's recipe of a pipeline (nodes/pipe_handle.py)
 LORA_STACK_TYPE = "ZIMAGE_LORA_STACK"  # a tuple of engine LoraSpec rows
+# ComfyUI's common stack type (Efficiency Nodes, Comfyroll, Lora-Manager, ...): a list of
+# (lora_name, model_strength, clip_strength) tuples, lora_name relative to models/loras.
+COMMON_LORA_STACK_TYPE = "LORA_STACK"
+CLIP_STRENGTH_NOTE = ("clip_strength has no meaning here: Z-Image's text encoder is not LoRA-patched, only the "
+                      "transformer is (with model_strength).")
 REPORT_TYPE = "ZIMAGE_TURBO_REPORT"  # what one generation cost, sampler -> probe
 
 # Node ids (saved in workflows: never rename) and the names shown in the editor.

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from ..engine.api import GenerationRequest
+from ..engine.api import GenerationRequest, combine_stack, prompt_with_trigger_words, stack_trigger_words
 from . import comfy_runtime
-from .constants import CATEGORY, LORA_STACK_TYPE, PIPE_TYPE, REPORT_TYPE
+from .constants import CATEGORY, COMMON_LORA_STACK_TYPE, LORA_STACK_TYPE, PIPE_TYPE, REPORT_TYPE
+from .lora_stack_node import common_stack_tooltip, resolve_common_stack
 
 
 class ZImageTurboSampler:
     DESCRIPTION = (
         "Generates images with Z-Image-Turbo: 8 flow-matching Euler steps, no guidance (cfg 0), shift 3. "
         "An unchanged prompt skips the text encoder; the same inputs and seed give the same image. "
+        "LoRAs come from a LoRA Stack and/or another pack's LORA_STACK; their trigger words can be put in front of "
+        "the prompt. "
         "The progress bar advances per step and Cancel stops between steps."
     )
     CATEGORY = CATEGORY
@@ -55,18 +58,33 @@ class ZImageTurboSampler:
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16,
                                        "tooltip": "Images generated together from one seed."}),
             },
+            # Optional, and the new widget last: workflows and API prompts saved before it existed keep their
+            # widget values in place and run as before (off).
             "optional": {
                 "lora_stack": (LORA_STACK_TYPE, {"tooltip": "LoRAs to apply (from a LoRA Stack). Leave empty for the base model."}),
+                "LORA_STACK": (COMMON_LORA_STACK_TYPE, {
+                    "tooltip": common_stack_tooltip("after the LoRAs of the lora_stack input (a LoRA on in both is refused)")}),
+                "prepend_trigger_words": ("BOOLEAN", {
+                    "default": False,
+                    "label_on": "on",
+                    "label_off": "off",
+                    "tooltip": "Put the trigger words of the LoRAs that are on (from the files' metadata) in front of the "
+                               "prompt, each one the prompt does not already contain. Off: the prompt is used as written.",
+                }),
             },
         }
 
-    def sample(self, pipe, prompt, negative_prompt, width, height, steps, cfg, shift, seed, batch_size, lora_stack=None):
+    def sample(self, pipe, prompt, negative_prompt, width, height, steps, cfg, shift, seed, batch_size, lora_stack=None,
+               LORA_STACK=None, prepend_trigger_words=False):  # noqa: N803 -- the input's name is the type's name
+        loras = combine_stack(lora_stack or (), resolve_common_stack(LORA_STACK))
+        if prepend_trigger_words:
+            prompt = prompt_with_trigger_words(prompt, stack_trigger_words(loras))
         request = GenerationRequest(prompt, negative_prompt, width, height, steps, cfg, shift, seed, batch_size)
         request.validate()  # before touching the model: a bad size fails at once
         pipeline = pipe.get()
         result = pipeline.generate(
             request,
-            list(lora_stack or ()),
+            list(loras),
             on_step=comfy_runtime.progress_callback(steps),
             check_interrupt=comfy_runtime.check_interrupt,
             # The settings of *this* loader: two loaders of the same files share one pipeline.
