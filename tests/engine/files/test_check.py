@@ -115,12 +115,11 @@ def test_tiny_lora_against_the_released_size_is_refused_as_a_size_mismatch(tiny)
     assert "the released Z-Image-Turbo transformer (dim 3840, 30 layers)" in text
 
 
-def test_lokr_is_refused_as_unsupported(tmp_path, tiny_ref):
-    path = tmp_path / "lokr.safetensors"
-    save_file({"lycoris_layers_0_attention_to_q.lokr_w1": torch.zeros(4, 4),
-               "lycoris_layers_0_attention_to_q.lokr_w2": torch.zeros(16, 16)}, str(path))
+def test_an_adapter_kind_the_engine_does_not_apply_is_refused_by_name(tmp_path, tiny_ref):
+    path = tmp_path / "oft.safetensors"
+    save_file({"lycoris_layers_0_attention_to_q.oft_blocks": torch.zeros(4, 16, 16)}, str(path))
     result = check_file(path, tiny_ref)
-    assert result.kind == "lora" and not result.usable and "LoKr" in result.error and "LoKr" in result.info.format
+    assert result.kind == "lora" and not result.usable and "OFT adapter" in result.error and result.info.format == "OFT"
 
 
 # ------------------------------------------------------------ model files

@@ -24,14 +24,17 @@ from pathlib import Path
 import torch
 
 from ..errors import ZImageError
+from ..lora.deltas import KIND_NAMES
 from ..lora.lora_files import (
-    _UNSUPPORTED,
     _detect_format,
     _module_lookup,
     _norm,
     _split_key,
     parse_lora,
+    peft_config,
+    unsupported_kind,
 )
+from ..lora.trigger_words import read_trigger_words
 from ..model_config import TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG
 from . import key_maps
 from .model_files import (
@@ -90,6 +93,8 @@ class LoraInfo:
     made_for_dim: int | None = None  # the transformer width its layers are sized for, when it shows
     checked_against: str = ""
     metadata: dict = field(default_factory=dict)  # base model / trigger words, where the file says
+    kinds: list[str] = field(default_factory=list)  # lora / lokr / loha / diff
+    trigger_words: list[str] = field(default_factory=list)  # what the LoRA Stack's trigger_words output gives
 
 
 @dataclass
@@ -173,6 +178,10 @@ class Reference:
     config: dict
     layers: dict
 
+    @property
+    def biased(self) -> set[str]:
+        return biased_layers(self.config)
+
 
 def transformer_layers(cfg: dict) -> dict[str, tuple[int, int]]:
     """Every Linear of diffusers' ZImageTransformer2DModel built with `cfg`: name -> (in, out).
@@ -204,6 +213,13 @@ def transformer_layers(cfg: dict) -> dict[str, tuple[int, int]]:
     out["t_embedder.mlp.2"] = (T_EMBED_MID, ada)
     out["cap_embedder.1"] = (cfg["cap_feat_dim"], dim)
     return out
+
+
+def biased_layers(cfg: dict) -> set[str]:
+    """The Linears of `transformer_layers(cfg)` that have a bias (where a LoRA's diff_b can land): the
+    embedders, the final layer and every adaLN modulation; attention and feed-forward have none."""
+    return {name for name in transformer_layers(cfg)
+            if not re.search(r"\.(attention|feed_forward)\.", name)}
 
 
 def _n(count: int, noun: str) -> str:
@@ -338,9 +354,8 @@ def _in_diffusers_folder(path: Path) -> Path | None:
 
 def _classify(names: list[str]) -> str:
     for n in names:
-        if _split_key(n) is not None and _split_key(n)[1] in ("down", "up"):
-            return "lora"
-        if any(marker in n for marker in _UNSUPPORTED):
+        split = _split_key(n)
+        if (split is not None and split[1] != "alpha") or unsupported_kind(n):
             return "lora"
     stripped = [key_maps.strip_transformer_prefix(n) for n in names]
     if any(re.match(r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention|feed_forward)\.", s)
@@ -371,8 +386,8 @@ def _strip_vae_prefix(name: str) -> tuple[str, str]:
 def _check_lora(path: Path, entries: list[TensorEntry], metadata: dict, ref: Reference):
     """(usable, error, info, details) of a LoRA file, parsed by the engine against `ref`'s layers."""
     names = [e.name for e in entries]
-    adapter = next((kind for n in names for marker, kind in _UNSUPPORTED.items() if marker in n), None)
-    fmt = f"LyCORIS {adapter}" if adapter in ("LoKr", "LoHa") else (adapter or _detect_format(names))
+    adapter = next((kind for n in names if (kind := unsupported_kind(n))), None)
+    fmt = adapter or _detect_format(names)
     named: dict[str, str] = {}  # normalised module -> module as the file names it
     ranks, alpha_entries = set(), []
     for e in entries:
@@ -388,6 +403,10 @@ def _check_lora(path: Path, entries: list[TensorEntry], metadata: dict, ref: Ref
             ranks.add(e.shape[0])
     alpha_values = load_entries(alpha_entries, "cpu").values()  # a few scalars
     alphas = sorted({round(float(t.float().reshape(-1)[0]), 6) for t in alpha_values if t.numel()})
+    alpha_where = ""
+    conf_alpha = (peft_config(metadata) or {}).get("lora_alpha")
+    if not alphas and isinstance(conf_alpha, (int, float)) and not isinstance(conf_alpha, bool):
+        alphas, alpha_where = [float(conf_alpha)], " in lora_adapter_metadata"  # diffusers keeps it there
     lookup = _module_lookup(ref.layers)
     found = sum(1 for n in named if n in lookup)
     made_for = None
@@ -398,24 +417,36 @@ def _check_lora(path: Path, entries: list[TensorEntry], metadata: dict, ref: Ref
             break
     info = LoraInfo(fmt, _dtypes(entries), sorted(ranks), alphas, len(named), found,
                     made_for_dim=made_for, checked_against=ref.label, metadata=_lora_metadata(metadata))
+    try:
+        found_words = read_trigger_words(path)
+    except ZImageError:
+        found_words = None
+    if found_words:
+        info.trigger_words = list(found_words.words)
+        info.metadata["trigger words"] = f"{', '.join(found_words.words)} (from {found_words.source})"
 
     usable, error = True, None
     try:
-        parsed = parse_lora(path, ref.layers)
+        parsed = parse_lora(path, ref.layers, ref.biased)
         info.model_layers_changed = len(parsed.targets)
         info.coverage = _coverage(parsed.targets, ref.layers)
         info.ranks = parsed.ranks
+        info.kinds = parsed.kinds
     except ZImageError as exc:
         usable, error = False, str(exc)
 
     details = [f"key format: {fmt}; dtype: {', '.join(info.dtypes)}"]
+    dense = [KIND_NAMES[k] for k in info.kinds if k != "lora"]
+    if dense:
+        details.append(f"{' + '.join(dense)}: whole-matrix changes, merged into the weights when the stack runs (refused "
+                       "in the low_vram memory mode, where the weights stream)")
     if info.ranks:
         scale = ""
         if not alphas:
             scale = "; no alpha stored (scale 1)"
         else:
             a_text = "/".join(f"{a:g}" for a in alphas)
-            scale = f"; alpha {a_text}"
+            scale = f"; alpha {a_text}{alpha_where}"
             if len(alphas) == 1 and len(info.ranks) == 1:
                 scale += f" (scale alpha/rank = {alphas[0] / info.ranks[0]:g})"
         details.append(f"rank {'/'.join(map(str, info.ranks))}{scale}")
@@ -440,10 +471,7 @@ def _lora_metadata(metadata: dict) -> dict:
     base = metadata.get("modelspec.architecture") or metadata.get("ss_base_model_version")
     if base:
         out["made for (metadata)"] = str(base)[:80]
-    trigger = metadata.get("modelspec.trigger_phrase")
-    if trigger:
-        out["trigger words"] = str(trigger)[:120]
-    elif metadata.get("ss_tag_frequency"):
+    if metadata.get("ss_tag_frequency"):
         try:
             tags: Counter = Counter()
             for per_dir in json.loads(metadata["ss_tag_frequency"]).values():

@@ -210,19 +210,19 @@ def _naming(keys: list[str]) -> str:
     k = " ".join(keys[:80])
     if "lora_unet_" in k or "lora_transformer_" in k or "lycoris_" in k:
         return "kohya (underscore names)"
+    if ".lora.down." in k or ".to.q." in k:
+        return "dot names (Anime-Z style)"
     if ".qkv." in k or ".qkv_" in k:
         return "kohya/ComfyUI (fused qkv)"
     if ".attention.out." in k or "lora_down" in k:
         return "kohya/ComfyUI (split q/k/v)"
-    if ".lora.down." in k or ".to.q." in k:
-        return "dot names (Anime-Z style)"
     if k.startswith("transformer.") or " transformer." in k:
         return "diffusers/peft"
     if "diffusion_model." in k:
         if ".default." in k:
             return "Comfy-Org/DiffSynth (diffusion_model. + lora_A.default)"
         return "ai-toolkit (diffusion_model. + diffusers names)"
-    return "DiffSynth/ModelScope (bare keys)"
+    return "DiffSynth (bare keys)"
 
 
 def _detect_format(keys: list[str]) -> str:
@@ -244,11 +244,10 @@ def _shown(keys: list[str]) -> str:
 # ------------------------------------------------------------ diffusers' metadata scale
 
 
-def _peft_scale(metadata: dict | None, module: str, rank: int) -> float | None:
-    """The scale diffusers/PEFT would use for `module`, from the file's `lora_adapter_metadata`, if any.
+def peft_config(metadata: dict | None) -> dict | None:
+    """The LoraConfig diffusers saved in the file's `lora_adapter_metadata` (keys without "transformer."), if any.
 
-    diffusers saves the LoraConfig there (keys prefixed "transformer." when saved by a pipeline);
-    lora_alpha != r makes the scale differ from 1, which a file without per-key alphas shows nowhere else.
+    lora_alpha != r there makes the scale differ from 1, which a file without per-key alphas shows nowhere else.
     """
     raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
@@ -259,7 +258,14 @@ def _peft_scale(metadata: dict | None, module: str, rank: int) -> float | None:
         return None
     if not isinstance(conf, dict):
         return None
-    conf = {k.removeprefix("transformer."): v for k, v in conf.items()}
+    return {k.removeprefix("transformer."): v for k, v in conf.items()}
+
+
+def _peft_scale(metadata: dict | None, module: str, rank: int) -> float | None:
+    """The scale diffusers/PEFT would use for `module`, from the file's `lora_adapter_metadata`, if any."""
+    conf = peft_config(metadata)
+    if conf is None:
+        return None
     alpha = conf.get("lora_alpha")
     patterns = conf.get("alpha_pattern") or {}
     if isinstance(patterns, dict):
