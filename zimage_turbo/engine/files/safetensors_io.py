@@ -408,9 +408,14 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 def list_tensors(path: Path) -> list[TensorEntry]:
     """The tensors of a validated safetensors file, in file order."""
-    _, _, entries = _inspect(path)
+    return read_index(path)[1]
+
+
+def read_index(path: Path) -> tuple[dict[str, str], list[TensorEntry]]:
+    """(header metadata, tensors in file order) of a validated safetensors file, from one parse."""
+    header, _, entries = _inspect(path)
     entries.sort(key=lambda e: e.start)
-    return entries
+    return dict(header.get("__metadata__") or {}), entries
 
 
 class _PinnedPool:
