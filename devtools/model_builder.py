@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from zimage_turbo.engine.files import key_maps
+from devtools import original_layout
 from zimage_turbo.engine.model_config import (
     CHAT_TEMPLATE_JINJA,
     SCHEDULER_CONFIG,
@@ -215,9 +215,9 @@ def build_random_model(
     if "split" in layouts:
         n_up = len(sizes.vae["block_out_channels"])
         for path, sd in (
-            (built.transformer_file, key_maps.transformer_diffusers_to_original(parts["transformer"])),
+            (built.transformer_file, original_layout.transformer_to_original(parts["transformer"])),
             (built.text_encoder_file, te_prefixed),
-            (built.vae_file, key_maps.vae_diffusers_to_original(parts["vae"], n_up)),
+            (built.vae_file, original_layout.vae_to_original(parts["vae"], n_up)),
         ):
             path.parent.mkdir(parents=True, exist_ok=True)
             _save(sd, path)

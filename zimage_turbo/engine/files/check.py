@@ -10,7 +10,11 @@ Big model files are classified from their safetensors header only (names, dtypes
 (`lora.parse_lora`) against the layers of a transformer: by default the released Z-Image-Turbo
 (its layer names and shapes derived from `model_config.TRANSFORMER_CONFIG`, nothing allocated),
 or the transformer in a given file (derived from its header through `key_maps`).
-Nothing here imports diffusers or transformers, so a check takes about as long as importing torch.
+Original key names are read through diffusers' single-file converter, as the loader reads them (on
+meta tensors: nothing is allocated). That costs the import of diffusers' single-file utilities once
+per process (measured 7-13 s on a busy 2-core machine where importing torch took 5 s): the price of
+one source of truth for the names (no model is built).
+A quantised file's few bytes of `comfy_quant` JSON are read; everything else comes from the header.
 """
 
 from __future__ import annotations
@@ -36,10 +40,10 @@ from ..lora.lora_files import (
 )
 from ..lora.trigger_words import read_trigger_words
 from ..model_config import TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG
-from . import key_maps
+from . import key_maps, quantized
 from .model_files import (
     text_encoder_config_from_weights,
-    transformer_config_from_weights,
+    transformer_config_from_diffusers_shapes,
     vae_config_from_weights,
 )
 from .safetensors_io import TensorEntry, list_tensors, load_entries, read_header
@@ -56,7 +60,6 @@ KIND_LABELS = {
 ADALN_EMBED_DIM = 256  # diffusers' Z-Image: modulation input width is min(dim, 256)
 T_EMBED_FREQ, T_EMBED_MID = 256, 1024  # its timestep embedder: 256 frequencies -> 1024 -> min(dim, 256)
 RELEASED_SIZE_KEYS = ("dim", "n_layers", "n_refiner_layers", "cap_feat_dim", "in_channels")
-_QUANT_MARKERS = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".scale_weight", ".scale_input", ".input_scale")
 _BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)\.(\d+)\.(.+)$")
 _GROUP_NAMES = {"layers": "main blocks", "noise_refiner": "noise-refiner blocks",
                 "context_refiner": "context-refiner blocks"}
@@ -242,7 +245,7 @@ def reference_from(path: Path) -> Reference:
     info = result.info
     if isinstance(info, FolderInfo) and "transformer" in info.components:
         info = info.components["transformer"].info
-    if not isinstance(info, TransformerInfo) or layers is None or cfg is None or info.quantized:
+    if not isinstance(info, TransformerInfo) or layers is None or cfg is None or (info.quantized and not result.usable):
         reason = result.error or f"it is a {KIND_LABELS[result.kind]}, not a Z-Image transformer"
         raise ZImageError(f"{result.file}: cannot check LoRAs against this file: {reason}")
     return Reference(f"{result.file} ({_size_text(cfg)})", cfg, layers)
@@ -329,16 +332,13 @@ def _incomplete_blocks(names, prefix: str) -> str | None:
     return None
 
 
-def _quantization(entries: list[TensorEntry], metadata: dict) -> str | None:
-    names = [e.name for e in entries]
-    marker = next((n for n in names if n.endswith(_QUANT_MARKERS) or n.endswith("scaled_fp8")), None)
-    if marker is not None or "_quantization_metadata" in metadata:
-        return f"ComfyUI quantised layers (e.g. {marker or '_quantization_metadata'})"
-    low = [e for e in entries if e.name.endswith(".weight") and len(e.shape) == 2
-           and e.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8)]
-    if low:
-        return f"{_dtype_name(low[0].dtype)} weights ({len(low)} layers, e.g. {low[0].name})"
-    return None
+def _quantization(name: str, part: str, entries: list[TensorEntry], metadata: dict):
+    """(model tensors, description or None, refusal or None): the engine's own reading of ComfyUI's quantised layers."""
+    try:
+        quant = quantized.read_quantization(entries, metadata, name)
+    except ZImageError as exc:
+        return entries, "unreadable quantisation entries", str(exc)
+    return quant.weights(entries), quant.describe(entries), quant.refusal(name, part)
 
 
 def _in_diffusers_folder(path: Path) -> Path | None:
@@ -530,6 +530,8 @@ def _coverage(targets, model_layers: dict) -> str:
 
 def _check_transformer(name: str, entries: list[TensorEntry], metadata: dict, in_folder: bool):
     """(usable, error, info, details, diffusers-named linear layers or None, config or None)."""
+    all_entries = entries
+    entries, quant_text, refusal = _quantization(name, "transformer", entries, metadata)
     stripped = {key_maps.strip_transformer_prefix(e.name) for e in entries}
     prefix = next((p for p in key_maps.TRANSFORMER_PREFIXES if any(e.name.startswith(p) for e in entries)), "")
     original = any(".attention.qkv." in s or s.startswith(("final_layer.", "x_embedder.")) for s in stripped)
@@ -540,29 +542,20 @@ def _check_transformer(name: str, entries: list[TensorEntry], metadata: dict, in
     layers = cfg = None
 
     if prefix:
-        strays = [e.name for e in entries if not e.name.startswith(prefix)]
+        strays = [e.name for e in all_entries if not e.name.startswith(prefix) and e.name not in
+                  (quantized.MARKER, quantized.METADATA_KEY)]
         if strays:
             errors.append(f"{name}: besides the diffusion model it holds {len(strays)} other tensors (e.g. {strays[0]}): "
                           "an all-in-one checkpoint. This pack loads the three split files (diffusion model, text "
                           "encoder, VAE): use z_image_turbo_bf16.safetensors.")
-    info.quantized = _quantization(entries, metadata)
-    if info.quantized:
-        errors.append(f"{name}: {info.quantized}: this pack loads bf16/fp16/fp32 weights only. Use "
-                      "z_image_turbo_bf16.safetensors (it converts to fp16 or fp32 itself when asked).")
+    info.quantized = quant_text
+    if refusal:
+        errors.append(refusal)
     try:
         meta = _meta(entries)
-        if original:
-            diff_sd = key_maps.transformer_original_to_diffusers(meta)
-            orig_shapes = {key_maps.strip_transformer_prefix(k): v for k, v in _shapes(meta).items()}
-        else:
-            diff_sd = meta
-            orig_shapes = _shapes(key_maps.transformer_diffusers_to_original(meta))
-        needed = ("cap_embedder.1.weight", "x_embedder.weight", "layers.0.attention.qkv.weight",
-                  "layers.0.attention.q_norm.weight")
-        lacking = [k for k in needed if k not in orig_shapes]
-        if lacking:  # Z-Image weights, but not those the size is read from
-            raise KeyError(", ".join(lacking))
-        cfg = transformer_config_from_weights(orig_shapes, name)
+        # Original names go through diffusers' single-file converter, as the loader does.
+        diff_sd = key_maps.transformer_to_diffusers(meta) if original else meta
+        cfg = transformer_config_from_diffusers_shapes(_shapes(diff_sd), name)
     except ZImageError as exc:
         errors.append(str(exc))
     except (KeyError, IndexError, ValueError, RuntimeError) as exc:
@@ -574,7 +567,7 @@ def _check_transformer(name: str, entries: list[TensorEntry], metadata: dict, in
         info.released_size = all(cfg[k] == TRANSFORMER_CONFIG[k] for k in RELEASED_SIZE_KEYS)
         layers = _linear_layers(diff_sd)
         info.linear_layers = len(layers)
-        if not info.quantized:
+        if not refusal:
             expected = transformer_layers(cfg)
             missing = sorted(expected.keys() - layers.keys())
             unknown = sorted(layers.keys() - expected.keys())
@@ -614,6 +607,7 @@ def _check_transformer(name: str, entries: list[TensorEntry], metadata: dict, in
 
 
 def _check_text_encoder(name: str, entries: list[TensorEntry], metadata: dict, ref: Reference):
+    entries, quant_text, refusal = _quantization(name, "text_encoder", entries, metadata)
     names = [e.name for e in entries]
     info = TextEncoderInfo("", _dtypes(entries), sum(_numel(e.shape) for e in entries))
     error = None
@@ -641,10 +635,10 @@ def _check_text_encoder(name: str, entries: list[TensorEntry], metadata: dict, r
             error = f"{exc} {needs}."
         except (KeyError, IndexError, ValueError) as exc:
             error = f"{name}: incomplete text encoder ({type(exc).__name__}: {exc}); download it again."
-    info.quantized = _quantization(entries, metadata)
+    info.quantized = quant_text
     errors = [error] if error else []
-    if info.quantized:
-        errors.append(f"{name}: {info.quantized}: this pack loads bf16/fp16/fp32 weights only; use qwen_3_4b.safetensors.")
+    if refusal:
+        errors.append(refusal)
     if info.hidden is not None:
         gap = _incomplete_blocks(mapped, "layers.")
         if gap:
@@ -655,6 +649,8 @@ def _check_text_encoder(name: str, entries: list[TensorEntry], metadata: dict, r
     size = f", {info.layers} layers, hidden {info.hidden}, vocabulary {info.vocab}" if info.hidden else ""
     details.append(info.family + size)
     details.append(f"dtype: {_dtype_text(entries)}; {_count_text(info.parameters)}")
+    if info.quantized:
+        details.append(f"quantised: {info.quantized}")
     if info.hidden is not None:
         details.append("the Qwen3-4B Z-Image-Turbo uses" if info.qwen3_4b else "not Qwen3-4B (another size)")
     return not errors, (" ".join(errors) or None), info, details

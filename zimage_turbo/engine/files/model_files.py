@@ -32,8 +32,8 @@ from ..model_config import (
     TRANSFORMER_CONFIG,
     VAE_CONFIG,
 )
-from . import key_maps
-from .safetensors_io import TensorEntry, list_tensors, load_entries, refuse_pickle
+from . import key_maps, quantized
+from .safetensors_io import TensorEntry, read_index, refuse_pickle
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -193,25 +193,41 @@ def _count(names, prefix: str) -> int:
 
 
 def transformer_config_from_weights(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
-    """The transformer config, read off the tensor shapes of a ComfyUI/original file."""
-    names = [key_maps.strip_transformer_prefix(n) for n in shapes]
-    shapes = {key_maps.strip_transformer_prefix(n): s for n, s in shapes.items()}
-    if "cap_embedder.1.weight" not in shapes or "layers.0.attention.qkv.weight" not in shapes:
+    """The transformer config, read off the tensor shapes of a ComfyUI/original file (any prefix)."""
+    stripped = {key_maps.strip_transformer_prefix(n) for n in shapes}
+    if "cap_embedder.1.weight" not in stripped or "layers.0.attention.qkv.weight" not in stripped:
         raise ModelFileError(
             f"{source}: this is not a Z-Image diffusion model (no cap_embedder / fused attention.qkv weights)."
         )
+    # Named as diffusers' converter names them (meta tensors: shapes only, nothing allocated).
+    meta = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
+    renamed = {n: tuple(t.shape) for n, t in key_maps.transformer_to_diffusers(meta).items()}
+    return transformer_config_from_diffusers_shapes(renamed, source)
+
+
+# The weights the size is read from, in diffusers names.
+TRANSFORMER_SIZE_KEYS = ("cap_embedder.1.weight", "all_x_embedder.2-1.weight", "layers.0.attention.to_q.weight",
+                         "layers.0.attention.norm_q.weight")
+
+
+def transformer_config_from_diffusers_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
+    """The transformer config, read off the tensor shapes of a diffusers-named state dict."""
+    lacking = [k for k in TRANSFORMER_SIZE_KEYS if k not in shapes]
+    if lacking:
+        raise ModelFileError(f"{source}: incomplete Z-Image transformer (no {', '.join(lacking)}): a shard of a "
+                             "sharded model, or a file cut short: download it again.")
     dim, cap = shapes["cap_embedder.1.weight"]
-    head_dim = shapes["layers.0.attention.q_norm.weight"][0]
+    head_dim = shapes["layers.0.attention.norm_q.weight"][0]
     axes = list(TRANSFORMER_CONFIG["axes_dims"]) if head_dim == 128 else [head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8]
     return dict(
         TRANSFORMER_CONFIG,
         dim=dim,
         cap_feat_dim=cap,
-        n_layers=_count(names, "layers."),
-        n_refiner_layers=_count(names, "noise_refiner."),
+        n_layers=_count(shapes, "layers."),
+        n_refiner_layers=_count(shapes, "noise_refiner."),
         n_heads=dim // head_dim,
         n_kv_heads=dim // head_dim,
-        in_channels=shapes["x_embedder.weight"][1] // 4,
+        in_channels=shapes["all_x_embedder.2-1.weight"][1] // 4,  # patch 2 x 2, frame patch 1
         axes_dims=axes,
     )
 
@@ -254,28 +270,43 @@ def vae_config_from_weights(shapes: dict[str, tuple[int, ...]], source: str) -> 
 # ------------------------------------------------------------ the loaders
 
 
-def _load_transformer(files: list[Path], source: ModelSource, device, dtype) -> tuple[nn.Module, int]:
+def _read_files(files: list[Path], part: str) -> tuple[list[TensorEntry], quantized.Quantization]:
+    """The model tensors of a component's files and how they are quantised; refuses what cannot run."""
+    entries: list[TensorEntry] = []
+    metadata: dict[str, str] = {}
+    for f in files:
+        meta, found = read_index(f)
+        metadata.update(meta)
+        entries += found
+    quant = quantized.read_quantization(entries, metadata, files[0].name)
+    refusal = quant.refusal(files[0].name, part)
+    if refusal:
+        raise ModelFileError(refusal)
+    return quant.weights(entries), quant
+
+
+def _load_transformer(files: list[Path], index, source: ModelSource, device, dtype) -> tuple[nn.Module, int]:
     from diffusers import ZImageTransformer2DModel
 
-    entries = [e for f in files for e in list_tensors(f)]
+    entries, quant = index
     if isinstance(source, DiffusersFolder):
         cfg = {k: v for k, v in _read_json(Path(source.root) / "transformer" / "config.json").items() if not k.startswith("_")}
         cfg.setdefault("axes_lens", TRANSFORMER_CONFIG["axes_lens"])  # diffusers' default is wrong for Z-Image
         rename: Callable[[dict], dict] = lambda sd: sd
     else:
         cfg = transformer_config_from_weights(_shapes(entries), files[0].name)
-        entries = [e for e in entries if key_maps.strip_transformer_prefix(e.name) != "norm_final.weight"]
-        rename = key_maps.transformer_original_to_diffusers
+        rename = key_maps.transformer_to_diffusers  # diffusers' single-file converter, on the loaded tensors
     with params_on_meta():
         model = ZImageTransformer2DModel(**cfg)
-    sd = rename(load_entries(entries, device, dtype))
-    return _assign(model, sd, "diffusion model", files[0].name).to(device), sum(e.nbytes for e in entries)
+    # Dequantised before the rename: an fp8 file's fused qkv has one scale for all three parts.
+    sd, nbytes = quantized.load_dequantized(entries, quant, device, dtype)
+    return _assign(model, rename(sd), "diffusion model", files[0].name).to(device), nbytes
 
 
-def _load_text_encoder(files: list[Path], source: ModelSource, device, dtype, pin: bool) -> tuple[nn.Module, int]:
+def _load_text_encoder(files: list[Path], index, source: ModelSource, device, dtype, pin: bool) -> tuple[nn.Module, int]:
     from transformers import Qwen3Config, Qwen3Model
 
-    entries = [e for f in files for e in list_tensors(f)]
+    entries, quant = index
     if isinstance(source, DiffusersFolder):
         cfg = _read_json(Path(source.root) / "text_encoder" / "config.json")
         cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")}
@@ -299,7 +330,7 @@ def _load_text_encoder(files: list[Path], source: ModelSource, device, dtype, pi
         model = Qwen3Model(Qwen3Config(**cfg))
     model.norm = nn.Identity()
     target = "cpu" if pin else device
-    raw = load_entries([e for _, e in selected], target, dtype)
+    raw, nbytes = quantized.load_dequantized([e for _, e in selected], quant, target, dtype)
     sd = {name: raw[e.name] for name, e in selected}
     if pin:
         sd = {k: v.pin_memory() for k, v in sd.items()}
@@ -309,13 +340,13 @@ def _load_text_encoder(files: list[Path], source: ModelSource, device, dtype, pi
         for bname, buf in list(mod._buffers.items()):
             if buf is not None:
                 mod._buffers[bname] = buf.to(device)
-    return model, sum(e.nbytes for _, e in selected)
+    return model, nbytes
 
 
-def _load_vae(files: list[Path], source: ModelSource, device, dtype) -> tuple[nn.Module, int]:
+def _load_vae(files: list[Path], index, source: ModelSource, device, dtype) -> tuple[nn.Module, int]:
     from diffusers import AutoencoderKL
 
-    entries = [e for f in files for e in list_tensors(f)]
+    entries, quant = index
     if isinstance(source, DiffusersFolder):
         cfg = {k: v for k, v in _read_json(Path(source.root) / "vae" / "config.json").items() if not k.startswith("_")}
         convert = None
@@ -324,10 +355,10 @@ def _load_vae(files: list[Path], source: ModelSource, device, dtype) -> tuple[nn
         convert = len(cfg["block_out_channels"])
     with params_on_meta():
         model = AutoencoderKL(**cfg)
-    sd = load_entries(entries, device, dtype)
+    sd, nbytes = quantized.load_dequantized(entries, quant, device, dtype)
     if convert is not None:
-        sd = key_maps.vae_original_to_diffusers(sd, list(model.state_dict().keys()), convert)
-    return _assign(model, sd, "VAE", files[0].name).to(device), sum(e.nbytes for e in entries)
+        sd = key_maps.vae_to_diffusers(sd, convert)  # diffusers' single-file converter, on the loaded tensors
+    return _assign(model, sd, "VAE", files[0].name).to(device), nbytes
 
 
 def load_tokenizer(source: ModelSource):
@@ -378,6 +409,10 @@ class ComponentCache:
             self._items[key] = item
             self.loads += 1
             return item, False
+
+    def has(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._items
 
     def drop(self, keys) -> int:
         with self._lock:
@@ -450,11 +485,20 @@ def load_components(source: ModelSource, device: torch.device, dtype: torch.dtyp
     def key(part):
         return (part, tuple(FileId.of(p) for p in files[part]), dname, str(device))
 
+    # The headers of every part that is not cached are read and checked before any part is loaded:
+    # a text encoder that cannot be used is refused before minutes go into loading the transformer.
+    parts = ("transformer", "text_encoder", "vae")
+    indexes = {part: _read_files(files[part], part) for part in parts if not COMPONENTS.has(key(part))}
+
+    def index(part):
+        return indexes.get(part) or _read_files(files[part], part)
+
     loaders = {
-        "transformer": lambda: _load_transformer(files["transformer"], source, device, dtype),
+        "transformer": lambda: _load_transformer(files["transformer"], index("transformer"), source, device, dtype),
         # The text encoder's key ignores where it sits (device or pinned host): moving it is cheap.
-        "text_encoder": lambda: _load_text_encoder(files["text_encoder"], source, device, dtype, pin=te_on_host),
-        "vae": lambda: _load_vae(files["vae"], source, device, dtype),
+        "text_encoder": lambda: _load_text_encoder(files["text_encoder"], index("text_encoder"), source, device, dtype,
+                                                   pin=te_on_host),
+        "vae": lambda: _load_vae(files["vae"], index("vae"), source, device, dtype),
     }
     out = {}
     keys = []
