@@ -47,7 +47,7 @@ from .lora import (
 from .probing.device_stats import nvml_snapshot
 from .probing.report import RunReport
 from .sampling import pipeline as _pipeline
-from .sampling.acceleration import COMPILE_MODES
+from .sampling.acceleration import COMPILE_MODES, prepare_compiler
 from .sampling.compile_cache import configure as configure_compile_cache
 from .sampling.pipeline import GenerationRequest, GenerationResult, TurboPipeline
 from .sampling.placement import MEMORY_MODES
@@ -56,7 +56,7 @@ __all__ = [
     "COMPILE_MODES", "DTYPE_NAMES", "MEMORY_MODES", "DiffusersFolder", "GenerationRequest", "GenerationResult",
     "InvalidSettingError", "LoraKeyError", "LoraSpec", "ModelFileError", "ModelSource", "NonFiniteError",
     "OutOfMemoryError", "PipelineStatus", "RunReport", "SplitFiles", "TurboPipeline", "ZImageError",
-    "check_strength", "combine_stack", "find_loaded", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "loaded", "release", "release_all", "resolve_device",
+    "check_strength", "combine_stack", "find_loaded", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "prepare_compiler", "loaded", "release", "release_all", "resolve_device",
     "resolve_dtype",
     # LoRA stacks: ComfyUI's common LORA_STACK type in and out, trigger words
     "TriggerWords", "common_stack_of", "common_stack_rows", "prompt_with_trigger_words", "read_trigger_words",

@@ -24,6 +24,10 @@ from . import comfy_paths
 log = logging.getLogger("zimage_turbo")
 # ZIMAGE_TURBO_CACHE_DIR, when set, wins over this (engine/compile_cache.py).
 api.configure_compile_cache(comfy_paths.compile_cache_dir())
+if torch.cuda.is_available():
+    # A GPU pipeline compiles by default ("auto"): torch's compiler stack is imported on a thread
+    # while ComfyUI starts, not in the first image's time.
+    api.prepare_compiler()
 
 
 def device_choices() -> list[str]:

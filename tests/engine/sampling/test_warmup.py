@@ -172,5 +172,29 @@ def test_a_generation_only_queues_the_compile_until_its_image_is_done(monkeypatc
     w.request("base", start=False)
     time.sleep(0.2)
     assert started == [] and w.status()["state"] == "compiling"
-    w.start_queued()
+    w.start_queued(idle_s=0)
     assert w.wait(5) and len(started) == 1
+
+
+def test_the_compile_waits_for_a_quiet_moment_but_not_for_ever(monkeypatch):
+    started = []
+    monkeypatch.setattr(warmup, "warm_regions", lambda pipe, everything: started.append(time.perf_counter()))
+    w = warmup.CompileWarmup(FakePipe())
+    w.request("base", start=False)
+    w.start_queued(idle_s=0.3)  # an image ended
+    time.sleep(0.1)
+    w.note_generation()  # the next one began before the quiet time was over
+    time.sleep(0.4)
+    assert started == []
+    t_end = time.perf_counter()
+    w.start_queued(idle_s=0.3)  # it ended: now nothing comes
+    assert w.wait(5) and len(started) == 1 and started[0] - t_end >= 0.3
+    # Steady traffic: once MAX_DEFER_S has passed since the first deferral, the next image's end starts it.
+    monkeypatch.setattr(warmup, "MAX_DEFER_S", 0.2)
+    w2 = warmup.CompileWarmup(FakePipe())
+    w2.request("base", start=False)
+    w2.start_queued(idle_s=10)
+    time.sleep(0.3)
+    w2.note_generation()
+    w2.start_queued(idle_s=10)
+    assert w2.wait(5) and len(started) == 2

@@ -322,6 +322,7 @@ class TurboPipeline:
     def _generate(self, req, loras, on_step, check_interrupt) -> GenerationResult:
         dev = self.device
         t_start = time.perf_counter()
+        self.warmup.note_generation()
         report = RunReport.start(self, req)
         report.load_s = dict(self.pending_loads)
         self.pending_loads = {}
