@@ -285,3 +285,11 @@ def test_released_size_fp8_text_encoder_states_the_vram_figure(tmp_path):
     # 36 layers x 100,925,440 linear weights, one byte each instead of two.
     assert "float8_e4m3fn in 252 of 253 weight matrices" in result.info.quantized
     assert "kept in fp8 they would take 3.38 GiB less than in bf16" in result.info.quantized
+
+
+def test_integer_weights_without_a_format_are_refused(tiny, te_files, tmp_path, fresh_engine):
+    sd = load_file(str(te_files["bf16"]))
+    sd["model.layers.1.mlp.up_proj.weight"] = sd["model.layers.1.mlp.up_proj.weight"].to(torch.int8)
+    save_file(sd, str(tmp_path / "int8.safetensors"))
+    with pytest.raises(ModelFileError, match="int8 .*model.layers.1.mlp.up_proj.*Use qwen_3_4b_fp8_mixed"):
+        load_components(split(tiny["built"], te=tmp_path / "int8.safetensors"), CPU, torch.float32, False)

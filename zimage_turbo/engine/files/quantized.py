@@ -50,6 +50,7 @@ NOT_RUN = {
     "mxfp8": "MXFP8 (fp8 with per-block power-of-two scales)",
     "mxfp4": "MXFP4 (4-bit floats with per-block power-of-two scales)",
     "int8_tensorwise": "int8 (per-row scales; the ConvRot files also rotate the weights)",
+    "int8": "8-bit integer weights without a format entry (bitsandbytes or another tool's layout)",
 }
 # The file of the same part this pack does run, per part.
 INSTEAD = {
@@ -92,7 +93,7 @@ class Quantization:
         fmt = sorted(set(bad.values()), key=lambda f: (f not in NOT_RUN, f))[0]
         layers = sorted(layer for layer, f in bad.items() if f == fmt)
         what = NOT_RUN.get(fmt, f"an unknown quantisation format {fmt!r} (from a newer ComfyUI than this pack knows)")
-        return (f"{file}: {len(layers)} layers of this {PART_LABELS.get(part, part)} are stored as ComfyUI's {fmt} "
+        return (f"{file}: {len(layers)} layers of this {PART_LABELS.get(part, part)} are stored as {fmt} "
                 f"(e.g. {layers[0]}): {what}. This pack runs fp8 files (it dequantises them on load) but has no kernels "
                 f"nor a dequantiser for {fmt}, on any GPU or on the CPU. Use {INSTEAD.get(part, 'the bf16 file')} instead.")
 
@@ -101,7 +102,7 @@ class Quantization:
         return sum(e.nbytes * (itemsize - 1) for e in entries if e.name in self.fp8_weights)
 
     def describe(self, entries: list[TensorEntry]) -> str | None:
-        """One line for the checker, e.g. "ComfyUI comfy_quant: float8_e4m3fn in 14 of 21 linear layers, ..."."""
+        """One line for the checker, e.g. "ComfyUI comfy_quant: float8_e4m3fn in 14 of 22 weight matrices ..."."""
         if self.style is None:
             return None
         linear = [e for e in self.weights(entries) if e.name.endswith(".weight") and len(e.shape) == 2]
@@ -233,6 +234,10 @@ def read_quantization(entries: list[TensorEntry], metadata: dict, file: str) -> 
                 raise _bad(file, f"layer {layer} is marked {fmt} but has no {layer}.weight_scale")
             scale_key[f"{layer}.weight"] = f"{layer}.weight_scale"
 
+    for e in entries:  # integer weights nobody described: some other tool's quantisation
+        if e.name.endswith(".weight") and e.dtype in (torch.int8, torch.uint8) and e.name[: -len(".weight")] not in formats:
+            formats[e.name[: -len(".weight")]] = "int8"
+
     extras = {e.name for e in markers}
     for e in entries:
         if e.name.endswith(_LAYER_EXTRAS):
@@ -251,6 +256,8 @@ def read_quantization(entries: list[TensorEntry], metadata: dict, file: str) -> 
         style = f"comfy_quant (in the header's {METADATA_KEY})"
     elif markers or scale_key:
         style = "scaled_fp8"
+    elif formats:
+        style = "int8"
     elif fp8_weights:
         style = "fp8"
     else:
