@@ -312,9 +312,9 @@ def build_lora(path: Path, cfg: dict, layout: str, rank: int = 4, alpha: float |
                     t[f"hada_w{i}_b"] = rand(rank, fan_in, std=0.5 / math.sqrt(fan_in))
                     t[f"hada_t{i}"] = rand(rank, rank, 1, 1, std=0.7)
             else:
-                for i in (1, 2):
-                    t[f"hada_w{i}_a"] = rand(fan_out, rank, std=0.6)
-                    t[f"hada_w{i}_b"] = rand(rank, fan_in, std=0.6 / math.sqrt(fan_in))
+                for i in (1, 2):  # each factor's entries about 0.4: their product changes a weight like a LoRA
+                    t[f"hada_w{i}_a"] = rand(fan_out, rank, std=1.0)
+                    t[f"hada_w{i}_b"] = rand(rank, fan_in, std=1.6 / math.sqrt(fan_in * rank / 4))
             t = {k: v.to(dtype) for k, v in t.items()}
             for role, tensor in t.items():
                 put(f"{base}.{role}", tensor)
