@@ -100,3 +100,29 @@ def test_the_test_file_writer_round_trips_through_diffusers_converters(tiny):
         full = _meta_state(factory)
         back = to_diffusers(to_original(full))
         assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in full.items()}
+
+
+@pytest.mark.parametrize("one_buffer", [False, True])
+def test_the_vae_converter_keeps_exactly_the_keys_it_did_not_use(one_buffer):
+    """On a GPU the reader hands out views of one device buffer: every file key the converter used
+    (the 1x1-conv attention weights as sliced views too) must count as used, and only a foreign key
+    comes back as itself. The first version compared ids of `._base` wrappers, which are fresh
+    objects for such views: it put the true-size VAE's 8 attention weights back and refused it."""
+    from diffusers import AutoencoderKL
+
+    cfg = dict(VAE_CONFIG, block_out_channels=[32, 32, 32, 32], layers_per_block=1)
+    diffusers_sd = AutoencoderKL(**cfg).state_dict()
+    original = original_layout.vae_to_original(diffusers_sd, 4)
+    original["decoder.not_a_vae_key.weight"] = torch.ones(3)
+    if one_buffer:  # like the streaming reader's device loads: slices of one flat buffer
+        flat = torch.empty(sum(t.numel() for t in original.values()))
+        views, at = {}, 0
+        for k, t in original.items():
+            views[k] = flat[at:at + t.numel()].view(t.shape)
+            views[k].copy_(t)
+            at += t.numel()
+        original = views
+    out = key_maps.vae_to_diffusers(original, 4)
+    assert sorted(set(out) - set(diffusers_sd)) == ["decoder.not_a_vae_key.weight"]
+    assert set(diffusers_sd) <= set(out)
+    assert out["decoder.mid_block.attentions.0.to_q.weight"].shape == (32, 32)

@@ -80,17 +80,19 @@ def vae_to_diffusers(sd: dict[str, torch.Tensor], num_blocks: int) -> dict[str, 
 
     config = {"down_block_types": ["DownEncoderBlock2D"] * num_blocks, "up_block_types": ["UpDecoderBlock2D"] * num_blocks}
     out = convert_ldm_vae_checkpoint(sd, config)
-    # Every tensor the converter used is in `out` as itself or as a view of it: same root tensor.
-    used = {id(_root(v)) for v in out.values()}
+    # Every tensor the converter used is in `out` as itself or as a view of it (a 1x1 conv sliced to a
+    # Linear weight): same memory, same start. Identity of Python objects is no test here (`._base`
+    # gives a fresh wrapper each time, whose id can be reused), so memory addresses are compared.
+    used = {_start(v) for v in out.values()}
     for key, tensor in sd.items():
-        if id(_root(tensor)) not in used:
+        if _start(tensor) not in used:
             out[key] = tensor
     return out
 
 
-def _root(t: torch.Tensor) -> torch.Tensor:
-    """The tensor that owns `t`'s memory (`t` itself unless it is a view)."""
-    return t._base if t._base is not None else t
+def _start(t: torch.Tensor) -> tuple[int, int, int]:
+    """Where `t`'s data begins: (its storage's address, its offset in it, its device index)."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), t.device.index or 0
 
 
 def text_encoder_file_name_to_model(name: str) -> str | None:
