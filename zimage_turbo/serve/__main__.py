@@ -100,6 +100,17 @@ def preload_value(arg: str | None, comfyui: str, base: str | None) -> tuple[str 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not (Path(args.comfyui) / "main.py").is_file():
+        print(f"error: no ComfyUI at {args.comfyui} (main.py not found): give --comfyui the folder that holds main.py",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.autoscale is not None and not (0 <= args.autoscale[0] <= args.autoscale[1] and args.autoscale[1] >= 1):
+        print(f"error: --autoscale needs 0 <= MIN <= MAX and MAX >= 1, not {args.autoscale[0]},{args.autoscale[1]}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.max_ongoing < 1:
+        print("error: --max-ongoing must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
     from . import app  # imports ray: only here, so that --help and bad arguments answer at once
 
     app.connect(args.address)
