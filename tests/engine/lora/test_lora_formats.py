@@ -241,3 +241,86 @@ def test_a_layer_named_twice_with_different_values_is_refused_and_with_equal_val
                                            r"diffusion_model.layers.0.attention.qkv and "
                                            r"diffusion_model.layers.0.attention.to.[qkv]\)"):
         manager.apply([LoraSpec(write(tmp_path, "contradicts", sd), 1.0)])
+
+
+# ------------------------------------------------------------------ on a GPU (pytest -m gpu)
+
+CUDA = torch.cuda.is_available()
+
+
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS + ("kohya_fused", "comfy_distill_patch"))
+def test_merged_in_bf16_equals_the_hand_merge(tmp_path, layout, device):
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = ZImageTransformer2DModel(**TINY.transformer).to(device, torch.bfloat16).eval()
+    before = model_state(model)
+    built = lora_formats.build_lora(tmp_path / f"{layout}.safetensors", TINY.transformer, layout, rank=RANK[layout],
+                                    alpha=3.0, seed=500)
+    manager = LoraManager(model)
+    manager.mode = "merge"
+    assert manager.apply([LoraSpec(built.path, STRENGTH)]).path == "merged"
+    got = model_state(model)
+    for module, w in built.layers.items():
+        dw, db = hand_delta(w)
+        for suffix, delta in ((".weight", dw), (".bias", db)):
+            if delta is None:
+                continue
+            want = before[module + suffix].double() + STRENGTH * delta.to(device)
+            if w.kind == "lora" and suffix == ".weight":
+                # Low-rank pairs are merged by one bf16 GEMM from bf16 factors (scale and strength folded into the
+                # up factor): a few bf16 steps of the delta on top of the final rounding.
+                atol = 2 ** -6 * float(delta.abs().max())
+            else:
+                atol = 1e-6  # whole-matrix deltas are summed in fp32 and rounded once: within half a bf16 step
+            torch.testing.assert_close(got[module + suffix].double(), want, rtol=2 ** -8, atol=atol, msg=module)
+    manager.apply([])
+    assert all(torch.equal(v, before[k]) for k, v in model_state(model).items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_true_size_lokr_and_lora_switches_on_the_gpu(tmp_path):
+    """Figures for the README: a LoKr on every block linear of the released transformer, merged and switched."""
+    import time
+
+    from diffusers import ZImageTransformer2DModel
+    from zimage_turbo.engine.files.model_files import params_on_meta
+    from zimage_turbo.engine.model_config import TRANSFORMER_CONFIG
+
+    with params_on_meta():
+        model = ZImageTransformer2DModel(**TRANSFORMER_CONFIG)
+    model = model.to_empty(device="cuda").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    lokr = lora_formats.build_lora(tmp_path / "lokr.safetensors", TRANSFORMER_CONFIG, "lokr_w2_factored", rank=16,
+                                   alpha=16.0, refiners=True, seed=1, dtype=torch.bfloat16)
+    lora = lora_formats.build_lora(tmp_path / "lora.safetensors", TRANSFORMER_CONFIG, "comfy_distill_patch", rank=32, seed=2)
+    snapshot = {k: v.detach().clone() for k, v in list(model.state_dict().items())[:40]}
+    manager = LoraManager(model)
+    manager.mode = "merge"
+
+    def timed(stack):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        report = manager.apply(stack)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, report
+
+    figures = {
+        "lokr first (read, spare copies, merge)": timed([LoraSpec(lokr.path, 1.0)]),
+        "lokr strength change": timed([LoraSpec(lokr.path, 0.6)]),
+        "switch to the distill-patch LoRA (file read)": timed([LoraSpec(lora.path, 1.0)]),
+        "back to the lokr (cached)": timed([LoraSpec(lokr.path, 0.6)]),
+        "both": timed([LoraSpec(lokr.path, 0.6), LoraSpec(lora.path, 1.0)]),
+        "all off": timed([]),
+    }
+    for what, (seconds, report) in figures.items():
+        print(f"{torch.cuda.get_device_name()}: {what}: {seconds * 1000:.0f} ms ({report.path or 'none'})")
+    assert all(r.path == "merged" for _, r in list(figures.values())[:-1])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in snapshot.items())  # restored bit for bit
