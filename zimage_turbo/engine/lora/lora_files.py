@@ -228,12 +228,13 @@ def _naming(keys: list[str]) -> str:
 def _detect_format(keys: list[str]) -> str:
     """A user-facing name of the file's format: key layout, and the adapter kind when not plain LoRA."""
     naming = _naming(sorted(keys))
-    kinds = sorted({_adapter_kind(s[1]) for s in map(_split_key, keys) if s is not None} - {"", "lora"})
+    roles = {s[1] for s in map(_split_key, keys) if s is not None}
+    # A bias diff alone does not make a file a full-weight diff: it is named as an addition.
+    kinds = sorted({_adapter_kind(r) for r in roles - {"diff_b"}} - {"", "lora"})
+    bias = " + bias diffs" if "diff_b" in roles and "diff" not in roles else ""
     if not kinds:
-        return naming
-    if kinds == ["diff"] and any(_split_key(k) and _split_key(k)[1] in ("down", "up") for k in keys):
-        return f"{naming} + bias diffs"
-    return f"{' + '.join(KIND_NAMES[x] for x in kinds)}, {naming}"
+        return naming + bias
+    return f"{' + '.join(KIND_NAMES[x] for x in kinds)}, {naming}{bias}"
 
 
 def _shown(keys: list[str]) -> str:
