@@ -42,10 +42,17 @@ export function passCanvasGestures(element, canvas) {
     }, { passive: false });
 }
 
-/** Hide a widget from the canvas while it keeps its value and its place in widgets_values. */
+/**
+ * Hide a widget in every node rendering while it keeps its value, its place in widgets_values and
+ * its part in the prompt. The front ends read two flags: the classic canvas `widget.hidden`, the
+ * "Nodes 2.0" (Vue) nodes and the properties panel `widget.options.hidden` (front ends up to 1.4x
+ * read only that one there; later ones treat the two as one flag). Set both.
+ */
 export function hideWidget(widget) {
     widget.hidden = true;
-    // Hidden DOM widgets are still given their minimum height by the layout: ask for none.
+    widget.options ??= {};
+    widget.options.hidden = true;
+    // The classic canvas of older front ends still gives a hidden DOM widget its minimum height: ask for none.
     widget.computeLayoutSize = () => ({ minHeight: 0, maxHeight: 0, minWidth: 0 });
 }
 

@@ -11,9 +11,11 @@ import { addStyle, el, formatBytes, formatMs, passCanvasGestures } from "./zimag
 
 const NODE_CLASS = "ZImageTurboProbe";
 const VIEW_HEIGHT = 236; // px, enough for the bar, six phases and two lines of notes
+const MARGIN = 6; // px around the view, as ComfyUI's own DOM widgets
 
 addStyle("zimage-probe-style", `
 .zimage-probe { box-sizing: border-box; padding: 4px 6px; font: 12px sans-serif; line-height: 17px;
+  min-height: ${VIEW_HEIGHT - 2 * MARGIN}px; /* node renderings that do not ask the widget for its height */
   color: var(--input-text, #ddd); background: var(--comfy-input-bg, #1c1c1c);
   border: 1px solid var(--border-color, #444); border-radius: 6px; overflow: hidden; user-select: text; }
 .zimage-probe-empty { color: var(--descrip-text, #999); padding-top: 8px; }
@@ -178,7 +180,7 @@ app.registerExtension({
             const widget = this.addDOMWidget("probe_figures", "zimage_probe", view.element, {
                 serialize: false, // figures of the last run only; never saved or sent
                 hideOnZoom: true,
-                margin: 6,
+                margin: MARGIN,
                 getValue: () => "",
                 setValue: () => {},
                 getMinHeight: () => VIEW_HEIGHT,
