@@ -59,6 +59,31 @@ if [ ! -f "$stamp_deps" ]; then
     touch "$stamp_deps"
 fi
 
+# A newer ComfyUI front end for the browser tests, beside the one ComfyUI 0.3.75 pins (installed above):
+# the wheel's static folder only, never installed into the venv; the tests serve it with --front-end-root.
+# Pinned: the newest comfyui-frontend-package on PyPI when this was last updated.
+FRONTEND_VERSION=1.58.1
+FRONTEND=$BUILD/frontend/$FRONTEND_VERSION
+if [ ! -f "$FRONTEND/static/index.html" ]; then
+    echo "[setup] fetching comfyui-frontend-package $FRONTEND_VERSION for the browser tests"
+    rm -rf "$FRONTEND" "$BUILD/frontend-wheel"
+    "$PY" -m pip download --disable-pip-version-check -q --no-deps "comfyui-frontend-package==$FRONTEND_VERSION" \
+        -d "$BUILD/frontend-wheel" 2>&1 | grep -v "is ignored" || true
+    "$PY" - "$BUILD/frontend-wheel" "$FRONTEND" <<'PYEOF'
+import pathlib, sys, zipfile
+wheel = next(pathlib.Path(sys.argv[1]).glob("comfyui_frontend_package-*.whl"))
+target = pathlib.Path(sys.argv[2])
+prefix = "comfyui_frontend_package/static/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            out = target / "static" / name[len(prefix):]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(z.read(name))
+PYEOF
+    rm -rf "$BUILD/frontend-wheel"
+fi
+
 # This package inside ComfyUI, the way users install it (custom_nodes/<folder>).
 mkdir -p "$COMFY/custom_nodes"
 ln -sfn "$(pwd)" "$COMFY/custom_nodes/comfyui-zimage-turbo"
