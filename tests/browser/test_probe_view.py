@@ -7,11 +7,10 @@ RunReport (so the keys are the backend's), and the view must show the right bar 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from tests.workflows.workflow_files import ui_workflow
 from zimage_turbo.engine.probing.report import RunReport
 
-REPO = Path(__file__).resolve().parent.parent.parent
 GIB = 1024**3
 
 VIEW_JS = """([id, message]) => {
@@ -20,7 +19,8 @@ VIEW_JS = """([id, message]) => {
     return new Promise((ok) => setTimeout(() => {
         const view = node.widgets.find((w) => w.name === "probe_figures").element;
         const fill = view.querySelector(".zimage-probe-bar-fill");
-        ok({ data: { ...view.dataset }, text: view.innerText,
+        ok({ data: { ...view.dataset }, text: view.innerText, visible: view.checkVisibility(),
+             clipped: view.scrollHeight > view.clientHeight + 1 || view.scrollWidth > view.clientWidth + 1,
              fill: fill ? { width: fill.style.width, cls: fill.className } : null });
     }, 50));
 }"""
@@ -37,9 +37,11 @@ def gpu_report(**memory) -> dict:
 
 
 def show(comfy_page, probe: dict, text: str = "report") -> dict:
-    comfy_page.load_workflow(json.loads((REPO / "workflows" / "zimage_sugar.json").read_text(encoding="utf-8")))
+    comfy_page.load_workflow(ui_workflow("zimage_sugar"))
     probe_id = comfy_page.node_id("ZImageTurboProbe")
-    return comfy_page.page.evaluate(VIEW_JS, [probe_id, {"text": [text], "zimage_probe": [probe]}])
+    shown = comfy_page.page.evaluate(VIEW_JS, [probe_id, {"text": [text], "zimage_probe": [probe]}])
+    assert shown["visible"] and not shown["clipped"], "the figures are not shown whole on the node"
+    return shown
 
 
 def test_nvml_figures_fill_the_vram_bar_of_that_gpu(comfy_page):

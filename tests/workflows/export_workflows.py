@@ -1,34 +1,35 @@
-"""Regenerate workflows/*.json (UI) and workflows/api/*.json (API) with the real front end.
+"""Regenerate the saved workflows with the real front end: workflows/<title>.json (UI), their thumbnails
+workflows/<title>.jpg (what ComfyUI's template browser shows on the card) and workflows/api/<name>.json (API).
 
-Not a test. Run it after changing a workflow below or the LoRA Stack's front end:
+Not a test. Run it after changing a workflow below, the layout or the LoRA Stack's front end:
 
-    .venv/bin/python tests/workflows/export_workflows.py
+    .venv/bin/python -m tests.workflows.export_workflows                  (from the repository root)
+    .venv/bin/python -m tests.workflows.export_workflows --thumbnails     (only the pictures, from the saved files)
 
 It starts ComfyUI 0.3.75 (--cpu, a temporary base directory whose model folders hold empty
 files under the real model names, so the combos list them), builds each workflow on the
 canvas in headless Chromium with ComfyUI's own createNode/connect and our extension, and
 writes what the front end itself produces: `app.graph.serialize()` for the UI file (what
 "Save" writes) and `app.graphToPrompt().output` for the API twin (what "Export (API)"
-writes). The UI file is then loaded back and must give the same prompt again.
+writes). The UI file is then loaded back and must give the same prompt again. The thumbnail is a
+screenshot of that graph as the canvas draws it (focus mode, fitted to a square window): a picture of
+the workflow, not of an image it makes (no real model runs here).
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
-import sys
 import tempfile
 import uuid
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests"), str(REPO / "tests" / "browser")]
+from devtools.graphs import MODEL, STYLE_LORAS, TEXT_ENCODER, VAE
+from scripts.comfy_client import ComfyServer
+from tests.browser.comfy_page import INIT_SCRIPT, VIEWPORT, ComfyPage, launch_chromium, prepare_server
+from tests.workflows.workflow_files import NAMES, api_path, thumbnail_path, ui_path, ui_workflow
 
-from comfy_client import ComfyServer  # noqa: E402
-from comfy_page import VIEWPORT, ComfyPage, launch_chromium, prepare_server  # noqa: E402
-from model_names import MODEL, STYLE_LORAS, TEXT_ENCODER, VAE  # noqa: E402
-
-WORKFLOWS = REPO / "workflows"
 SEED = 42
 COMMON_SETTINGS = "8 steps, cfg 0, shift 3 (Z-Image Turbo's distilled schedule), seed 42 fixed."
 BASE_FILES = (
@@ -122,15 +123,27 @@ Settings: 1024 x 1024. {COMMON_SETTINGS}""",
     },
 }
 
-# Node widths (heights follow the widgets) and the minimum heights of the nodes that grow.
-# Three columns, each node under the previous one: everything fits a 1920x1080 window at zoom 1.
+# Four columns, read left to right: the Note, loader over LoRA Stack, sampler, probe over Save Image. Nothing sits
+# below the LoRA Stack, so it can grow row by row. Each node gets the room it takes in the taller of the two node
+# renderings: "Nodes 2.0" (Vue) draws the loader's widgets taller (about 255 canvas units where the classic canvas
+# needs 200); `room` reserves that. `gap` leaves the next node's title bar (30) and the newer front end's
+# node-source badge above it free. tests/browser/test_layout.py checks the result in every front end / rendering.
 LAYOUT = {
-    "columns": [[20, ["loader", "stack", "note"]], [490, ["sampler"]], [960, ["probe", "save"]]],
-    "top": 60,
-    "gap": 50,  # room for the next node's title bar
-    "size": {"loader": [330, 0], "stack": [430, 0], "note": [430, 400], "sampler": [430, 520],
-             "probe": [360, 0], "save": [360, 420]},
+    "columns": [[0, ["note"]], [480, ["loader", "stack"]], [940, ["sampler"]], [1440, ["probe", "save"]]],
+    "top": 0,
+    "gap": 80,
+    # width, least height, room (canvas units)
+    "size": {"note": [420, 560, 0], "loader": [400, 0, 270], "stack": [400, 0, 0], "sampler": [440, 560, 0],
+             "probe": [380, 0, 0], "save": [380, 480, 0]},
 }
+# The thumbnails: the graph fitted to a window large enough that the canvas draws it in full detail (below ~60 %
+# zoom it leaves out text and widgets), cut to the nodes plus a margin and saved THUMBNAIL_WIDTH wide (the cards
+# show a .jpg whole, "object-contain", so any aspect ratio fits).
+THUMBNAIL_WINDOW = {"width": 1600, "height": 1200}
+THUMBNAIL_WIDTH = 768
+THUMBNAIL_MARGIN = 24  # page pixels around the nodes
+# Only the graph in the picture: no canvas statistics, zoom buttons or minimap.
+THUMBNAIL_SETTINGS = {"Comfy.Graph.CanvasInfo": False, "Comfy.Graph.CanvasMenu": False, "Comfy.Minimap.Visible": False}
 
 BUILD_JS = """async (spec) => {
     const app = window.comfyAPI.app.app;
@@ -163,10 +176,10 @@ BUILD_JS = """async (spec) => {
         let y = spec.layout.top;
         for (const key of keys) {
             const node = nodes[key];
-            const [width, minHeight] = spec.layout.size[key];
+            const [width, minHeight, room] = spec.layout.size[key];
             node.pos = [x, y];
             node.setSize([width, Math.max(minHeight, node.computeSize()[1])]);
-            y += node.size[1] + spec.layout.gap;
+            y += Math.max(node.size[1], room) + spec.layout.gap;
         }
     }
     loader.connect(0, sampler, "pipe");
@@ -218,21 +231,58 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def export(page: ComfyPage) -> None:
-    for name, style in STYLES.items():
+    assert set(STYLES) == set(NAMES), "every workflow has a title in workflow_files.TITLES"
+    for name in NAMES:
+        style = STYLES[name]
         ui = tidy(name, page.page.evaluate(BUILD_JS, spec_for(name, style)))
         api_prompt = page.graph_to_prompt()
         # The file as written must load back to the same prompt.
         page.load_workflow(ui)
         assert page.graph_to_prompt() == api_prompt, f"{name}: reloading the UI file changed the prompt"
         assert not page.visible_dialogs(), f"{name}: dialogs after loading: {page.visible_dialogs()}"
-        write_json(WORKFLOWS / f"{name}.json", ui)
-        write_json(WORKFLOWS / "api" / f"{name}.json", api_prompt)
-        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+        write_json(ui_path(name), ui)
+        write_json(api_path(name), api_prompt)
+        print(f"wrote workflows/{ui_path(name).name} and workflows/api/{api_path(name).name}")
+
+
+def thumbnail(page: ComfyPage, workflow: dict) -> bytes:
+    """A JPEG of the graph as the canvas draws it: ComfyUI's focus mode (no menus), the graph fitted to the window."""
+    from PIL import Image
+
+    page.load_workflow(workflow)
+    page.page.evaluate("""async (settings) => {
+        const { command, setting } = window.comfyAPI.app.app.extensionManager;
+        for (const [id, value] of Object.entries(settings)) await setting.set(id, value);
+        await command.execute("Workspace.ToggleFocusMode");
+        await command.execute("Comfy.Canvas.FitView");
+    }""", THUMBNAIL_SETTINGS)
+    page.settle(6)
+    picture = Image.open(io.BytesIO(page.page.screenshot())).convert("RGB")
+    rects = [r for r in page.node_rects().values() if r]
+    page.page.evaluate("""() => window.comfyAPI.app.app.extensionManager.command.execute("Workspace.ToggleFocusMode")""")
+    left = max(0, min(r["x"] for r in rects) - THUMBNAIL_MARGIN)
+    top = max(0, min(r["y"] for r in rects) - THUMBNAIL_MARGIN)
+    right = min(picture.width, max(r["x"] + r["width"] for r in rects) + THUMBNAIL_MARGIN)
+    bottom = min(picture.height, max(r["y"] + r["height"] for r in rects) + THUMBNAIL_MARGIN)
+    picture = picture.crop((round(left), round(top), round(right), round(bottom)))
+    size = (THUMBNAIL_WIDTH, round(picture.height * THUMBNAIL_WIDTH / picture.width))
+    out = io.BytesIO()
+    picture.resize(size, Image.LANCZOS).save(out, "JPEG", quality=90, optimize=True, progressive=True)
+    return out.getvalue()
+
+
+def write_thumbnails(page: ComfyPage) -> None:
+    for name in NAMES:
+        thumbnail_path(name).write_bytes(thumbnail(page, ui_workflow(name)))
+        print(f"wrote workflows/{thumbnail_path(name).name}")
 
 
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--thumbnails", action="store_true", help="only take the pictures of the saved workflows")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         server = ComfyServer(Path(tmp))
         server.prepare()
@@ -244,9 +294,14 @@ def main() -> None:
             prepare_server(server.client)
             browser = launch_chromium(pw)
             try:
-                context = browser.new_context(viewport=VIEWPORT)
-                context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true');")
-                export(ComfyPage(context.new_page(), server.client.base).open())
+                if not args.thumbnails:
+                    context = browser.new_context(viewport=VIEWPORT)
+                    context.add_init_script(INIT_SCRIPT)
+                    export(ComfyPage(context.new_page(), server.client.base).open())
+                    context.close()
+                context = browser.new_context(viewport=THUMBNAIL_WINDOW)
+                context.add_init_script(INIT_SCRIPT)
+                write_thumbnails(ComfyPage(context.new_page(), server.client.base).open())
             finally:
                 browser.close()
 

@@ -1,4 +1,5 @@
-"""The saved workflows: workflows/*.json (UI format) and their API twins in workflows/api/.
+"""The saved workflows: workflows/<title>.json (UI format, a template in ComfyUI's template browser, with its
+thumbnail <title>.jpg) and their API twins in workflows/api/<name>.json (workflow_files.py names them).
 
 The files are checked for what they promise (LoRA, strength, size, schedule, Note), then run on
 the real ComfyUI server: the API twins through the websocket client, and every file, UI and
@@ -11,16 +12,15 @@ import io
 import json
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from model_names import MODEL, STYLE_LORAS, TEXT_ENCODER, VAE
-
-REPO = Path(__file__).resolve().parent.parent.parent
-WORKFLOWS = REPO / "workflows"
-PACK = "comfyui-zimage-turbo"
+from devtools.graphs import MODEL, STYLE_LORAS, TEXT_ENCODER, VAE
+from tests.workflows.workflow_files import (NAMES, PACK, TITLES, WORKFLOWS, api_path, api_workflow, thumbnail_path,
+                                            ui_path, ui_workflow)
 
 SUGAR, NIANNIAN, SUN = STYLE_LORAS["sugar"], STYLE_LORAS["niannian"], STYLE_LORAS["sun_zhenni"]
 
@@ -49,21 +49,13 @@ EXPECTED = {
         "prompt_starts": "portrait of sun zhen ni",
     },
 }
-NAMES = list(EXPECTED)
+assert list(EXPECTED) == NAMES
 NODE_TYPES = {"ZImageTurboLoader", "ZImageTurboLoraStack", "ZImageTurboSampler", "ZImageTurboProbe", "ZImageTurboSave",
               "Note"}
 
 
 def probe_id(graph: dict) -> str:
     return next(k for k, n in graph.items() if n["class_type"] == "ZImageTurboProbe")
-
-
-def ui_workflow(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
-
-
-def api_workflow(name: str) -> dict:
-    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
 
 
 def api_node(graph: dict, class_type: str) -> dict:
@@ -84,9 +76,32 @@ def rows(loras_json: str) -> list[tuple]:
 
 # ---------------------------------------------------------------- the files themselves
 
-def test_the_folder_holds_the_four_workflows_and_their_api_twins():
-    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(NAMES)
-    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == sorted(NAMES)
+def test_the_folder_holds_the_four_workflows_their_thumbnails_and_api_twins():
+    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == sorted(ui_path(n).name for n in NAMES)
+    assert sorted(p.name for p in WORKFLOWS.glob("*.jpg")) == sorted(thumbnail_path(n).name for n in NAMES)
+    assert sorted(p.name for p in (WORKFLOWS / "api").glob("*.json")) == sorted(api_path(n).name for n in NAMES)
+    assert sorted(p.name for p in WORKFLOWS.iterdir()) == sorted(
+        [ui_path(n).name for n in NAMES] + [thumbnail_path(n).name for n in NAMES] + ["api"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_title_is_a_portable_file_name_that_says_what_the_workflow_does(name):
+    title = TITLES[name]
+    # The template browser shows the file name as the card's title (and, "-"/"_" read as spaces, its description).
+    assert title.startswith("Z-Image Turbo - ") and "LoRA" in title
+    assert all(c.isalnum() or c in " -" for c in title) and title == title.strip() and "  " not in title
+    note = ui_node(ui_workflow(name), "Note")
+    assert note["title"].startswith("Read me: ")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_thumbnail_is_a_picture_of_the_graph(name):
+    picture = Image.open(thumbnail_path(name))
+    assert picture.format == "JPEG" and picture.mode == "RGB"
+    assert picture.width == 768 and 250 <= picture.height <= 768, picture.size
+    pixels = picture.convert("L").getextrema()
+    assert pixels[1] - pixels[0] > 100, "a blank picture"  # the canvas background and bright node text
+    assert thumbnail_path(name).stat().st_size < 200_000
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -117,8 +132,8 @@ def test_ui_workflow_is_a_frontend_graph_with_a_fixed_seed(name):
     assert wf["version"] == 0.4 and isinstance(wf["links"], list) and isinstance(wf["groups"], list)
     assert {n["type"] for n in wf["nodes"]} == NODE_TYPES
     sampler = ui_node(wf, "ZImageTurboSampler")["widgets_values"]
-    # prompt, negative_prompt, width, height, steps, cfg, shift, seed, control_after_generate, batch_size
-    assert sampler[2:] == [*EXPECTED[name]["size"], 8, 0, 3, 42, "fixed", 1]
+    # prompt, negative_prompt, width, height, steps, cfg, shift, seed, control_after_generate, batch_size (, newer inputs)
+    assert sampler[2:10] == [*EXPECTED[name]["size"], 8, 0, 3, 42, "fixed", 1]
     stack = ui_node(wf, "ZImageTurboLoraStack")["widgets_values"]
     assert len(stack) == 1 and stack[0] == api_node(api_workflow(name), "ZImageTurboLoraStack")["loras"]
     # Every link in the list is attached to the nodes it names.
@@ -151,10 +166,14 @@ def test_workflow_loras_are_the_style_loras():
 def test_template_browser_lists_the_ui_workflows_only(comfy):
     status, body = comfy.client.get("/workflow_templates")
     assert status == 200
-    assert sorted(body[PACK]) == sorted(NAMES)  # not the API twins in workflows/api/
+    assert sorted(body[PACK]) == sorted(TITLES.values())  # not the API twins in workflows/api/
     for name in NAMES:
-        status, served = comfy.client.get(f"/api/workflow_templates/{PACK}/{name}.json")
+        # The front ends fetch <name>.json and, for the card, <name>.jpg (URL-encoded, as a browser sends it).
+        base = f"/api/workflow_templates/{PACK}/{urllib.parse.quote(TITLES[name])}"
+        status, served = comfy.client.get(base + ".json")
         assert status == 200 and served == ui_workflow(name)
+        status, picture = comfy.client.get(base + ".jpg")
+        assert status == 200 and picture == thumbnail_path(name).read_bytes()
 
 
 def image_size(comfy, info: dict) -> tuple[int, int]:
@@ -183,7 +202,7 @@ def test_api_twin_generates_the_image_the_workflow_describes(comfy, name):
 COMFY_CLI = Path(sys.executable).with_name("comfy")
 # UI file then its API twin: when they give the same prompt the second run is served from
 # ComfyUI's cache, which keeps this part of the suite short.
-ALL_FILES = [path for n in NAMES for path in (f"{n}.json", f"api/{n}.json")]
+ALL_FILES = [path for n in NAMES for path in (ui_path(n).name, f"api/{api_path(n).name}")]
 
 
 @pytest.mark.e2e
@@ -198,5 +217,5 @@ def test_comfy_cli_runs_every_workflow_file(comfy, relpath):
     envelope = json.loads(out.stdout.strip().splitlines()[-1])
     assert envelope["ok"] is True, envelope
     assert envelope["data"]["status"] == "completed"
-    name = Path(relpath).stem
+    name = next(n for n in NAMES if relpath in (ui_path(n).name, f"api/{api_path(n).name}"))
     assert any(f"filename={name}_" in url for url in envelope["data"]["outputs"]), envelope["data"]["outputs"]
