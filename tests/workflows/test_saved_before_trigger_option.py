@@ -128,22 +128,20 @@ SAMPLER_WIDGETS = """() => { const n = window.comfyAPI.app.app.graph.nodes.find(
 @pytest.mark.e2e
 @pytest.mark.browser
 def test_the_front_end_loads_it_with_the_option_off_and_queues_the_same_image(comfy, workflow, converted, images):
-    from comfy_page import CHROMIUM, VIEWPORT, ComfyPage, launch_chromium, prepare_server
+    from comfy_page import CHROMIUM, VIEWPORT, ComfyPage, prepare_server, shared_chromium
 
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed")
-    from playwright.sync_api import sync_playwright
-
     prepare_server(comfy.client)  # the front-end settings the browser tests use (no first-run dialogs)
-    with sync_playwright() as pw:
-        browser = launch_chromium(pw)
-        try:
-            page = ComfyPage(browser.new_page(viewport=VIEWPORT), comfy.client.base).open()
-            page.load_workflow(workflow)
-            widgets = dict(page.page.evaluate(SAMPLER_WIDGETS))
-            prompt = page.graph_to_prompt()
-        finally:
-            browser.close()
+    # The process's one Chromium: a second sync_playwright() fails while the browser tests' one runs.
+    context = shared_chromium().new_context(viewport=VIEWPORT)
+    try:
+        page = ComfyPage(context.new_page(), comfy.client.base).open()
+        page.load_workflow(workflow)
+        widgets = dict(page.page.evaluate(SAMPLER_WIDGETS))
+        prompt = page.graph_to_prompt()
+    finally:
+        context.close()
     # The saved values kept their places; the new widget, which the file has no value for, is off.
     assert widgets["prepend_trigger_words"] is False
     saved_values = node(saved(), "ZImageTurboSampler")["widgets_values"]
