@@ -124,17 +124,18 @@ Settings: 1024 x 1024. {COMMON_SETTINGS}""",
 }
 
 # Four columns, read left to right: the Note, loader over LoRA Stack, sampler, probe over Save Image. Nothing sits
-# below the LoRA Stack, so it can grow row by row. Each node gets the room it takes in the taller of the two node
-# renderings: "Nodes 2.0" (Vue) draws the loader's widgets taller (about 255 canvas units where the classic canvas
-# needs 200); `room` reserves that. `gap` leaves the next node's title bar (30) and the newer front end's
-# node-source badge above it free. tests/browser/test_layout.py checks the result in every front end / rendering.
+# below the LoRA Stack, so it can grow row by row. Each node gets the room it takes in the tallest node rendering:
+# "Nodes 2.0" (Vue) draws widgets taller than the classic canvas and adds a source badge row (measured bodies in
+# canvas units, classic / Vue 1.58.1 / Vue 1.42.8: loader 202 / 254 / 315, probe 334 / 334 / 372); `room` reserves
+# that. `gap` leaves the next node's title bar (30) and the newer front ends' source badge above it free.
+# tests/browser/test_layout.py checks the result in every front end / rendering it runs.
 LAYOUT = {
     "columns": [[0, ["note"]], [480, ["loader", "stack"]], [940, ["sampler"]], [1440, ["probe", "save"]]],
     "top": 0,
     "gap": 80,
     # width, least height, room (canvas units)
-    "size": {"note": [420, 560, 0], "loader": [400, 0, 270], "stack": [400, 0, 0], "sampler": [440, 560, 0],
-             "probe": [380, 0, 0], "save": [380, 480, 0]},
+    "size": {"note": [420, 560, 0], "loader": [400, 0, 330], "stack": [400, 0, 0], "sampler": [440, 560, 0],
+             "probe": [380, 0, 380], "save": [380, 480, 0]},
 }
 # The thumbnails: the graph fitted to a window large enough that the canvas draws it in full detail (below ~60 %
 # zoom it leaves out text and widgets), cut to the nodes plus a margin and saved THUMBNAIL_WIDTH wide (the cards
