@@ -213,7 +213,7 @@ class FrontDoor:
             entry["prompt"] = [job.number, job.id, *entry["prompt"][2:]]
         replica = {k: ev.get(k) for k in ("replica", "node_id", "node_ip", "gpu")}
         job.replicas.append(replica)
-        entry["zimage_serve"] = {**replica, "attempts": job.attempts, "replicas_tried": len(job.replicas)}
+        entry["zimage_serve"] = {**replica, "attempts": job.attempts, "fetch_s": ev.get("fetch_s")}
         for f in ev["files"]:
             key = (f["type"], renamed_subfolder(job.id, f.get("subfolder", "")), f["filename"])
             self.files[key] = f["data"]
@@ -235,7 +235,7 @@ class FrontDoor:
             job.history = {"prompt": job.queue_row(), "outputs": {},
                            "status": {"status_str": "error", "completed": False,
                                       "messages": [[kind, self._error_message(job, "ReplicaUnavailable", error)["data"]]]},
-                           "zimage_serve": {"attempts": job.attempts, "replicas_tried": len(job.replicas)}}
+                           "zimage_serve": {"attempts": job.attempts}}
         if state == "rejected":  # ComfyUI keeps no history of refused prompts
             self.jobs.pop(job.id, None)
         self.counts[state] += 1

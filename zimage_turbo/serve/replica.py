@@ -22,7 +22,6 @@ import re
 import sys
 import time
 import urllib.parse
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,6 +98,11 @@ class ComfyReplica:
         self.missed_checks = 0
         self.prompts_done = 0
         self._http: aiohttp.ClientSession | None = None
+        self._tasks: set = set()
+        self.client_id = f"zimage-serve-{self.replica}"
+        self._inboxes: dict[str, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+        self._listen_lock = asyncio.Lock()
         log.info("replica %s: ComfyUI pid %s port %s ready in %.1f s (GPU %s)", self.replica, self.comfy.pid,
                  self.comfy.port, self.comfy.ready_s, self.gpu)
 
@@ -188,13 +192,12 @@ class ComfyReplica:
             await self._lora_set(job["lora_key"])
         self._raise_if_gone()
         session = await self._session()
-        pid, client_id = job["prompt_id"], uuid.uuid4().hex
+        pid = job["prompt_id"]
+        await self._listen()
+        inbox: asyncio.Queue = asyncio.Queue()
+        self._inboxes[pid] = inbox  # before the POST: no message of this prompt is missed
         try:
-            ws = await session.ws_connect(f"{self.comfy.base_url}/ws?clientId={client_id}", max_msg_size=0)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise self._unavailable(f"websocket: {exc!r}")
-        try:
-            body = {"prompt": job["graph"], "client_id": client_id, "extra_data": job.get("extra_data") or {},
+            body = {"prompt": job["graph"], "client_id": self.client_id, "extra_data": job.get("extra_data") or {},
                     "prompt_id": pid}
             try:
                 async with session.post(self.comfy.base_url + "/prompt", json=body,
@@ -225,37 +228,70 @@ class ComfyReplica:
                     yield {"event": "failed", "reason": f"no result within {self.settings.prompt_timeout_s:g} s"}
                     return
                 try:
-                    msg = await ws.receive(timeout=min(left, 5.0))
+                    data = await asyncio.wait_for(inbox.get(), timeout=min(left, 5.0))
                 except asyncio.TimeoutError:
                     if self.comfy.exited() is not None:  # a socket of a killed process may linger
                         raise self._unavailable("ComfyUI exited")
                     continue
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    data = json.loads(msg.data)
-                    if (data.get("data") or {}).get("prompt_id") != pid:
-                        continue  # status broadcasts
-                    yield {"event": "message", "message": redact(data, self.redactions)}
-                    if data.get("type") == "executing" and (data.get("data") or {}).get("node") is None:
-                        break
-                    if is_terminal(data) and ended_at is None:
-                        ended_at = time.monotonic()
-                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
-                                  aiohttp.WSMsgType.ERROR):
-                    raise self._unavailable(f"ComfyUI's websocket closed ({msg.type.name})")
+                if data is None:
+                    raise self._unavailable("ComfyUI's websocket closed")
+                yield {"event": "message", "message": redact(data, self.redactions)}
+                if data.get("type") == "executing" and (data.get("data") or {}).get("node") is None:
+                    break
+                if is_terminal(data) and ended_at is None:
+                    ended_at = time.monotonic()
+            t_end = time.perf_counter()
             history = await self._history(pid)
-            files = [{**f, "data": await self._view(f)} for f in output_files(history.get("outputs"))]
-            await self._forget(pid)  # keeps ComfyUI's in-memory history from growing for ever
+            entries = output_files(history.get("outputs"))
+            datas = await asyncio.gather(*(self._view(f) for f in entries))
+            files = [{**f, "data": d} for f, d in zip(entries, datas)]
+            # Not awaited: it keeps ComfyUI's in-memory history from growing for ever, and nobody waits for it.
+            self._background(self._forget(pid))
             self.prompts_done += 1
-            yield {"event": "result", "history": redact(history, self.redactions), "files": files, **self.describe()}
+            yield {"event": "result", "history": redact(history, self.redactions), "files": files,
+                   "fetch_s": time.perf_counter() - t_end, **self.describe()}
         except asyncio.CancelledError:
             # The client gave up (POST /interrupt, /queue delete): stop the prompt here too.
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._forget(pid, interrupt=True))
             raise
         finally:
+            self._inboxes.pop(pid, None)
+
+    async def _listen(self) -> None:
+        """One websocket to ComfyUI for every prompt of this replica (the replica's client id): its messages go to
+        the inbox of their prompt. Opened at the first prompt, and again after it closed if ComfyUI still runs."""
+        async with self._listen_lock:
+            if self._reader is not None and not self._reader.done():
+                return
+            self._raise_if_gone()
+            try:
+                ws = await (await self._session()).ws_connect(
+                    f"{self.comfy.base_url}/ws?clientId={self.client_id}", max_msg_size=0)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise self._unavailable(f"websocket: {exc!r}")
+            self._reader = asyncio.ensure_future(self._read(ws))
+
+    async def _read(self, ws) -> None:
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue  # previews (binary)
+                data = json.loads(msg.data)
+                inbox = self._inboxes.get((data.get("data") or {}).get("prompt_id"))
+                if inbox is not None:  # status broadcasts and forgotten prompts have none
+                    inbox.put_nowait(data)
+        finally:
+            for inbox in list(self._inboxes.values()):
+                inbox.put_nowait(None)  # the prompts waiting on this socket learn that it closed
             await ws.close()
 
     # ------------------------------------------------------------------ helpers
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # a reference until it ends (the loop keeps only weak ones)
+        task.add_done_callback(self._tasks.discard)
 
     async def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:  # made in the loop that serves requests
