@@ -4,7 +4,7 @@ The images are rendered here, 1024x1024 by default, and are not noise (noise is 
 compresses): a "photo" (sky gradient, sun glow, clouds, hills, a shaded face-like figure with hair strands,
 foliage texture, lens blur, then film grain of sigma 2 as in photographs and photo-like generations), the
 same scene as an "illustration" (no grain: flat shading compresses far better), and "noise" as the worst
-case. The metadata is a real workflow of this package (workflows/zimage_sugar.json and its API twin), as
+case. The metadata is a real workflow of this package (workflows/Z-Image Turbo - Sugar face LoRA.json and its API twin), as
 the front end sends it.
 
 For each image: PNG default / fast on one core and on all cores, WebP and JPEG at a few qualities and
@@ -89,7 +89,7 @@ def images(size: int) -> dict[str, np.ndarray]:
 
 
 def metadata() -> tuple[dict, dict]:
-    ui = json.loads((REPO / "workflows" / "zimage_sugar.json").read_text(encoding="utf-8"))
+    ui = json.loads((REPO / "workflows" / "Z-Image Turbo - Sugar face LoRA.json").read_text(encoding="utf-8"))
     api = json.loads((REPO / "workflows" / "api" / "zimage_sugar.json").read_text(encoding="utf-8"))
     return api, {"workflow": ui}
 
