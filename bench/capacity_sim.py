@@ -27,6 +27,9 @@ import sys
 from pathlib import Path
 
 
+TRUSTED_ERROR = 0.15  # largest images/s error of the replayed runs for which the capacity table is believed
+
+
 class CapacityError(ValueError):
     pass
 
@@ -157,7 +160,11 @@ def render(result: dict) -> str:
             cells = [f"{row[k]['measured']:.3f} / {row[k]['simulated']:.3f} ({row[k]['error']:+.0%})"
                      for k in ("images_per_s", "p50_s", "p95_s")]
             lines.append(f"| {row['replicas']} | {row['concurrency']} | " + " | ".join(cells) + " |")
-        lines += ["", f"Largest error of images/s: {result['max_throughput_error']:.0%}.", ""]
+        err = result["max_throughput_error"]
+        verdict = ("the simulation describes these runs" if err is not None and err <= TRUSTED_ERROR else
+                   "the simulation does NOT describe these runs (the GPUs are not independent servers here, or the "
+                   "service times changed with load): do not trust the table below for this machine")
+        lines += ["", f"Largest error of images/s: {err:.0%}: {verdict}.", ""]
     bounds = sorted({c['p95_bound_s'] for c in result["capacity"]})
     lines += ["| requests/min | " + " | ".join(f"GPUs for p95 ≤ {b:g} s" for b in bounds) + " |",
               "|---|" + "---|" * len(bounds)]
@@ -210,6 +217,7 @@ def main(argv=None) -> int:
         return 2
     errors = [abs(r["images_per_s"]["error"]) for r in result["validation"] if r["images_per_s"]["error"] is not None]
     result["max_throughput_error"] = max(errors) if errors else None
+    result["trusted"] = result["max_throughput_error"] is not None and result["max_throughput_error"] <= TRUSTED_ERROR
     text = render(result)
     print(text)
     if args.scale is not None or args.out is not None:

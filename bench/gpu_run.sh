@@ -9,6 +9,8 @@
 #   bench/gpu_run.sh determinism  compiled images in several processes, cold vs cached compile caches
 #   bench/gpu_run.sh lora      bench/lora_paths.py: LoRA cost per step / switch, merged vs adapters
 #   bench/gpu_run.sh api:ARGS  bench/api_bench.py --root <model> ARGS: the real-server benchmark
+#   bench/gpu_run.sh scale:ARGS  bench/scale_bench.py (Ray Serve, 1 vs 2 replicas; lists with + : --levels,1+2+4)
+#              then bench/capacity_sim.py on its JSON; needs ray[serve] stashed first (bench/scale_wheels.sh)
 # Results and logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +77,17 @@ for what in "$@"; do
         api:*)
             args=${what#api:}
             python3 -m bench.api_bench --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/api.log | tail -40
+            ;;
+        scale:*)
+            # ray[serve] comes from the two wheel sets earlier calls stashed (bench/NOTES.md, "Ray Serve on the GPU
+            # machine"); installing is a no-op once done.
+            args=${what#scale:}
+            bench/scale_wheels.sh install 2>&1 | tail -3 || exit 1
+            python3 -m bench.scale_bench --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/scale.log \
+                | grep -E "^\[scale|^\||^- |^One|wrote|Error|error" | cut -c1-300
+            for f in $OUT/*-scale.json; do
+                [ -f "$f" ] && python3 -m bench.capacity_sim "$f" --out $OUT 2>&1 | tail -12
+            done
             ;;
         bench:*)
             args=${what#bench:}

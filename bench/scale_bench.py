@@ -264,6 +264,11 @@ class Bench:
                                "cpu": args.tiny, "size_override": args.size},
                   "replicas": [], "plain_comfyui": None, "runs": [], "speedup_vs_one": {}, "routing": None,
                   "lost": 0, "warnings": [], "skipped": {}}
+        if args.tiny:
+            self.r["warnings"].append(
+                "CPU: every replica's ComfyUI, the plain server and Ray's own processes share the same few cores that "
+                "torch's threads use, so the speed-ups and the latency differences here say nothing about GPUs; "
+                "only that every path works and nothing is lost")
         if args.merge:
             self.merge(json.loads(Path(args.merge).read_text()))
 
@@ -358,25 +363,27 @@ class Bench:
             self.stop_serve()
 
     def run_routing(self, client: ComfyClient, replicas: int) -> None:
-        """Least-loaded vs LoRA affinity, the same random mix of styles for both, at one concurrency."""
-        c = self.args.routing_concurrency or 2 * replicas
-        n = max(self.args.requests * 2, 4 * c)
-        out = {"replicas": replicas, "concurrency": c, "requests": n,
-               "workload": f"{n} prompts, each a style drawn at random (same sequence for both routes)"}
-        for route in ("least_loaded", "lora", "least_loaded_again"):
-            if self.left_s() < 30:
-                self.r["skipped"][f"routing {route}"] = "deadline"
-                break
-            # The same random sequence of styles for each route (new seeds and prompt texts: no cache hits).
-            level = run_requests(RoutedClient(client, route.replace("_again", "")),
-                                 self.next_requests(n, order="random", rng_seed=12), c)
-            out[route] = level
-            self.log(f"routing {route}: {level['images_per_s']:.3f} images/s, p50 {level['p50_s'] or 0:.3f} s, "
-                     f"switches {level['lora_switches']['switches']}/{level['lora_switches']['prompts']}")
-        if "lora" in out and "least_loaded" in out:
-            base = [out[k]["images_per_s"] for k in ("least_loaded", "least_loaded_again") if k in out]
-            out["lora_vs_least_loaded"] = out["lora"]["images_per_s"] / statistics.fmean(base) if base else None
+        """Least-loaded vs LoRA affinity on the same random mix of styles, at each --routing-concurrency (default:
+        one prompt per replica, where affinity may pile prompts on one replica, and two, where every replica is full
+        and only the choice among waiting prompts can change)."""
+        out = {"replicas": replicas, "max_ongoing": self.args.max_ongoing, "levels": [],
+               "workload": "each prompt a style drawn at random, the same sequence for both routes"}
         self.r["routing"] = out
+        for c in self.args.routing_concurrency or [replicas, 2 * replicas]:
+            n = max(self.args.requests * 2, 4 * c)
+            row = {"concurrency": c, "requests": n}
+            for route in ("least_loaded", "lora"):
+                if self.left_s() < 30:
+                    self.r["skipped"][f"routing c={c} {route}"] = "deadline"
+                    break
+                level = run_requests(RoutedClient(client, route), self.next_requests(n, order="random", rng_seed=c), c)
+                row[route] = level
+                self.log(f"routing c={c} {route}: {level['images_per_s']:.3f} images/s, p50 {level['p50_s'] or 0:.3f} s,"
+                         f" switches {level['lora_switches']['switches']}/{level['lora_switches']['prompts']}")
+            if "lora" in row and row["least_loaded"]["images_per_s"]:
+                row["lora_vs_least_loaded"] = row["lora"]["images_per_s"] / row["least_loaded"]["images_per_s"]
+            out["levels"].append(row)
+            self.write()
 
     def note_device(self, level: dict) -> None:
         names = {r.get("device_name") for r in level["records"] if r.get("device_name")}
@@ -481,19 +488,22 @@ def render_markdown(r: dict) -> str:
             lines.append(f"- p50 at concurrency 1, front door with 1 replica minus plain ComfyUI: **{t['measured']:+.0f} "
                          f"ms** (target ≤ {t['target']:.0f} ms): {'met' if t['met'] else 'NOT met'}")
     routing = r.get("routing")
-    if routing:
-        lines += ["", f"Routing, {routing['replicas']} replicas, concurrency {routing['concurrency']}: "
+    if routing and routing.get("levels"):
+        lines += ["", f"Routing, {routing['replicas']} replicas (max_ongoing_requests {routing['max_ongoing']}): "
                       f"{routing['workload']}.", "",
-                  "| route | images/s | p50 s | p95 s | style switches / prompts | LoRA apply p50 on a switch |",
-                  "|---|---|---|---|---|---|"]
-        for route in ("least_loaded", "lora", "least_loaded_again"):
-            if route in routing:
-                x = routing[route]
-                sw = x["lora_switches"]
-                lines.append(f"| {route} | {_f(x['images_per_s'])} | {_f(x['p50_s'])} | {_f(x['p95_s'])} | "
-                             f"{sw['switches']} / {sw['prompts']} | {_f(sw['lora_apply_p50_s_on_switch'], 4)} s |")
-        if routing.get("lora_vs_least_loaded"):
-            lines.append(f"\nLoRA affinity / least loaded, images/s: **{routing['lora_vs_least_loaded']:.3f}**")
+                  "| concurrency | route | images/s | p50 s | p95 s | style switches / prompts | LoRA apply p50 on a switch |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in routing["levels"]:
+            for route in ("least_loaded", "lora"):
+                if route in row:
+                    x, sw = row[route], row[route]["lora_switches"]
+                    lines.append(f"| {row['concurrency']} | {route} | {_f(x['images_per_s'])} | {_f(x['p50_s'])} | "
+                                 f"{_f(x['p95_s'])} | {sw['switches']} / {sw['prompts']} | "
+                                 f"{_f(sw['lora_apply_p50_s_on_switch'], 4)} s |")
+        ratios = [f"c={row['concurrency']}: {row['lora_vs_least_loaded']:.3f}" for row in routing["levels"]
+                  if row.get("lora_vs_least_loaded")]
+        if ratios:
+            lines.append(f"\nLoRA affinity / least loaded, images/s: **{', '.join(ratios)}**")
     lines += ["", f"Lost prompts (not completed): **{r['lost']}**."]
     for w in r["warnings"]:
         lines.append(f"- warning: {w}")
@@ -505,8 +515,9 @@ def render_markdown(r: dict) -> str:
 # ------------------------------------------------------------------------------------------------- main
 
 def parse_ints(text: str) -> list[int]:
+    """1,2,4 or 1+2+4 (bench/gpu_run.sh turns commas into spaces)."""
     try:
-        values = [int(x) for x in text.split(",") if x]
+        values = [int(x) for x in re.split(r"[,+]", text) if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, not {text!r}") from None
     if not values or min(values) < 1:
@@ -522,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--replicas", type=parse_ints, default=None, help="replica counts to run (default 1,2)")
     ap.add_argument("--levels", type=parse_ints, default=None, help="concurrency levels (default 1,2,4,8; tiny 1,2,4)")
     ap.add_argument("--requests", type=int, default=None, help="prompts per level at least (default 16; tiny 4)")
-    ap.add_argument("--routing-concurrency", type=int, default=None, help="for the routing section (default 2x replicas)")
+    ap.add_argument("--routing-concurrency", type=parse_ints, default=None,
+                    help="concurrency levels of the routing section (default: replicas, 2x replicas)")
     ap.add_argument("--max-ongoing", type=int, default=2, help="prompts a replica holds (Serve's max_ongoing_requests)")
     ap.add_argument("--sections", default="plain,replicas,routing",
                     help="which of plain, replicas, routing to run (comma separated)")

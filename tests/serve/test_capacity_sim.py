@@ -73,7 +73,13 @@ def test_the_scale_json_is_read_and_replayed(tmp_path):
     out = json.loads((tmp_path / "2026-01-01-gpu-scale-capacity.json").read_text())
     assert out["service"]["n"] == 16 and out["service"]["from"] == "Serve, 1 replica, concurrency 1"
     assert [(r["replicas"], r["concurrency"]) for r in out["validation"]] == [(1, 1), (1, 4), (2, 4)]
-    assert out["max_throughput_error"] < 0.1  # these made-up measurements are what the model predicts
+    assert out["max_throughput_error"] < 0.1 and out["trusted"] is True  # made-up runs the model predicts
+    # Two "GPUs" that served no faster than one (as replicas sharing a CPU do): the check says so.
+    scale["runs"][1]["levels"][0]["images_per_s"] = 0.97
+    path.write_text(json.dumps(scale))
+    assert sim.main([str(path), "--p95", "3", "--rates", "10"]) == 0
+    assert json.loads((tmp_path / "2026-01-01-gpu-scale-capacity.json").read_text())["trusted"] is False
+    assert "does NOT describe these runs" in (tmp_path / "2026-01-01-gpu-scale-capacity.md").read_text()
     # 100/min of ~1 s jobs is 1.7 GPUs of work: 2 GPUs at least, 3 when waits would pass the bound.
     assert out["capacity"][0]["gpus"] == 1 and out["capacity"][1]["gpus"] in (2, 3)
     assert "| 10 | **1**" in (tmp_path / "2026-01-01-gpu-scale-capacity.md").read_text()

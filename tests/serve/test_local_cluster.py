@@ -100,6 +100,15 @@ def test_comfyui_clients_work_against_the_front_door(cluster):
                                      log=lambda *_: None)
     assert [lv["succeeded"] for lv in report["levels"]] == [2]
 
+    # The scale benchmark's own client (bench/scale_bench.py), with the saved style workflows, asking for LoRA affinity.
+    from bench import scale_bench
+
+    styles = scale_bench.style_workflows(64)
+    level = scale_bench.run_requests(scale_bench.RoutedClient(client, "lora"),
+                                     scale_bench.requests_for(styles, 2, 500, "test"), 2)
+    assert level["succeeded"] == 2 and level["lost"] == 0 and level["images_per_s"] > 0
+    assert all(r["replica"] and r["lora_s"] is not None for r in level["records"])
+
     # comfy-cli's `comfy run`, as the README shows it.
     wf = os.path.join(cluster.work, "api_workflow.json")
     with open(wf, "w") as f:
