@@ -118,6 +118,7 @@ class FrontDoor:
         self.sockets: dict[str, set] = defaultdict(set)
         self.numbers = itertools.count()
         self.counts: Counter = Counter()
+        self._tasks: set = set()
 
     # ------------------------------------------------------------------ the prompt's life
 
@@ -248,7 +249,9 @@ class FrontDoor:
         if not job.accepted.done():
             job.accepted.set_result(("lost", message))
         else:
-            asyncio.create_task(self._send(job.client_id, self._error_message(job, "ReplicaUnavailable", message)))
+            task = asyncio.ensure_future(self._send(job.client_id, self._error_message(job, "ReplicaUnavailable", message)))
+            self._tasks.add(task)  # a reference until it ends (the loop keeps only weak ones)
+            task.add_done_callback(self._tasks.discard)
 
     def _error_message(self, job: Job, kind: str, message: str | None) -> dict:
         return {"type": "execution_error", "data": {
