@@ -9,6 +9,7 @@ stopping the application drains the replicas (what they hold finishes first).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import json
 import os
@@ -207,7 +208,10 @@ def test_stopping_the_application_drains_what_the_replicas_hold(cluster):
         await deleting
         return results
 
-    results = asyncio.run(main())
+    # On a thread of its own: in the full suite the browser tests' Playwright keeps an event loop running on the
+    # main thread, where asyncio.run() refuses to start another.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        results = pool.submit(asyncio.run, main()).result()
     for seed, events in zip(SEEDS, results):
         assert not isinstance(events, BaseException), f"seed {seed}: {events!r}"
         final = events[-1]
