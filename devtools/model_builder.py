@@ -28,11 +28,42 @@ from zimage_turbo.engine.model_config import (
     CHAT_TEMPLATE_JINJA,
     SCHEDULER_CONFIG,
     TEXT_ENCODER_CONFIG,
-    TINY_TEXT_ENCODER_CONFIG,
-    TINY_TRANSFORMER_CONFIG,
-    TINY_VAE_CONFIG,
     TRANSFORMER_CONFIG,
     VAE_CONFIG,
+)
+
+# Tiny model: same classes, sizes small enough for CPU tests in milliseconds.
+# head_dim = sum(axes_dims) = 32; dim = n_heads * head_dim.
+TINY_TRANSFORMER_CONFIG = dict(
+    TRANSFORMER_CONFIG,
+    dim=64,
+    n_layers=2,
+    n_refiner_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    cap_feat_dim=32,
+    axes_dims=[8, 12, 12],
+)
+
+# The vocabulary keeps the real size so the Qwen tokenizer ComfyUI ships also fits it.
+TINY_TEXT_ENCODER_CONFIG = dict(
+    TEXT_ENCODER_CONFIG,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=1024,
+)
+
+# norm_num_groups cannot be read off the weights, so the tiny VAE keeps the real 32
+# (split files are loaded with it).
+TINY_VAE_CONFIG = dict(
+    VAE_CONFIG,
+    block_out_channels=[32, 32, 32, 32],
+    layers_per_block=1,
+    sample_size=64,
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
