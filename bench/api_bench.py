@@ -1073,35 +1073,6 @@ def tiny_bench_setup(workdir: Path) -> soak.ModelSetup:
     return soak.tiny_setup(workdir, lora_paths=loras)
 
 
-def merge_results(first: dict, second: dict) -> dict:
-    """One result from two runs of the same servers' work folder split over two calls (a GPU call's time
-    limit): the second run's measured values win, lists are joined, wall time adds up."""
-    out = json.loads(json.dumps(first))
-    for key, _ in HEADLINE:
-        for system, value in (second.get(key) or {}).items():
-            if value is not None:
-                out[key][system] = value
-    for key in ("stats", "servers", "compile", "preload", "concurrency", "errors", "skipped"):
-        out.setdefault(key, {}).update(second.get(key) or {})
-    for system, runs in (second.get("runs") or {}).items():
-        out["runs"].setdefault(system, []).extend(runs)
-    out["sections"] = first.get("sections", []) + second.get("sections", [])
-    out["settings"]["only"] = list(dict.fromkeys(first["settings"]["only"] + second["settings"]["only"]))
-    out["wall_s"] = round((first.get("wall_s") or 0) + (second.get("wall_s") or 0), 2)
-    out["finished"] = bool(first.get("finished") and second.get("finished"))
-    out["merged_from"] = [first.get("git", {}).get("commit"), second.get("git", {}).get("commit")]
-    return out
-
-
-def merge_files(first: Path, second: Path, out_dir: Path) -> Path:
-    r = merge_results(json.loads(first.read_text()), json.loads(second.read_text()))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{r['date']}-{r['device_slug']}-api"
-    stem.with_suffix(".json").write_text(json.dumps(r, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render_markdown(r))
-    return stem
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -1149,13 +1120,6 @@ def settings_from_args(args, gpu: bool) -> Settings:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--merge"]:  # --merge FIRST.json SECOND.json OUT_DIR
-        if len(argv) != 4:
-            print("usage: api_bench.py --merge FIRST.json SECOND.json OUT_DIR", file=sys.stderr)
-            return 2
-        print(f"[api] wrote {merge_files(Path(argv[1]), Path(argv[2]), Path(argv[3]))}.json/.md")
-        return 0
     args = build_parser().parse_args(argv)
     if not (COMFY_DIR / "main.py").is_file():
         print(f"[api] ComfyUI is not set up in {COMFY_DIR} (scripts/setup.sh, or bench/gpu_run.sh there)",
