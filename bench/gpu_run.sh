@@ -6,7 +6,8 @@
 #   bench/gpu_run.sh bench [run_bench.py args...]
 #   bench/gpu_run.sh check     python -m zimage_turbo check on the true-size files (header only)
 #   bench/gpu_run.sh soak:ARGS bench/soak.py --root <model> ARGS (commas for spaces), results to $OUT
-#   bench/gpu_run.sh determinism  compiled images in several processes, cold vs cached compile caches
+#   bench/gpu_run.sh determinism  compiled images in several cold processes, deterministic mode on vs off
+#   bench/gpu_run.sh loadprof  bench/load_profile.py: CUDA start-up, reader throughput, each loader part
 #   bench/gpu_run.sh lora      bench/lora_paths.py: LoRA cost per step / switch, merged vs adapters
 #   bench/gpu_run.sh api:ARGS  bench/api_bench.py --root <model> ARGS: the real-server benchmark
 #   bench/gpu_run.sh scale:ARGS  bench/scale_bench.py (Ray Serve, 1 vs 2 replicas; lists with + : --levels,1+2+4)
@@ -62,14 +63,18 @@ for what in "$@"; do
             python3 -m bench.soak --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/soak.log | tail -40
             ;;
         determinism)
-            # P1, P2: cold (own empty inductor caches); P3: P1's inductor cache; P4: empty inductor cache
-            # but P1's saved blob (ZIMAGE_TURBO_CACHE_DIR); P5 like P3, other order.
+            # Every process compiles cold (its own empty inductor cache and blob folder). With inductor's
+            # deterministic mode (our default) all must agree whatever the order of sizes; the "off" pair is the
+            # control (ZIMAGE_TURBO_INDUCTOR_DETERMINISTIC=0: timing-picked reduction configs).
             d=/tmp/det; rm -rf $d; mkdir -p $d
-            run_det() { TORCHINDUCTOR_CACHE_DIR=$d/$2 ZIMAGE_TURBO_CACHE_DIR=$d/$3 \
+            run_det() { ZIMAGE_TURBO_INDUCTOR_DETERMINISTIC=$5 TORCHINDUCTOR_CACHE_DIR=$d/$2 ZIMAGE_TURBO_CACHE_DIR=$d/$3 \
                 python3 -m bench.determinism_check $1 $4 $d/model 2>>$OUT/determinism.err | tee -a $OUT/determinism.log; }
             python3 -c "from devtools import model_builder as m; m.build_random_model('$d/model', 'zit_tiny', m.TINY, seed=0)" 2>>$OUT/determinism.err
-            run_det cold1 indA blobA ab; run_det cold2 indB blobB ab; run_det cachedA indA blobA ab
-            run_det blobOnly indC blobA ab; run_det cachedA_ba indA blobA ba
+            run_det det1 indA blobA ab 1; run_det det2 indB blobB ba 1; run_det det3 indC blobC ab 1
+            run_det off1 indD blobD ab 0; run_det off2 indE blobE ba 0
+            ;;
+        loadprof)
+            python3 -m bench.load_profile --root $ROOT --out $OUT 2>&1 | tee $OUT/load_profile.log | tail -60
             ;;
         lora)
             python3 -m bench.lora_paths --root $ROOT --out $OUT 2>&1 | grep -v Warning | tee $OUT/lora.log | tail -8

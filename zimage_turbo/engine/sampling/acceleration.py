@@ -92,11 +92,31 @@ def _regions(module: nn.Module, class_suffix: str) -> list[nn.Module]:
     return [m for m in module.modules() if type(m).__name__.endswith(class_suffix)]
 
 
+def _inductor_options() -> dict:
+    """Inductor settings for our regions: the same kernels, hence the same bits, in every process.
+
+    By default inductor times several launch configurations of a reduction kernel (norms, softmax-like sums)
+    on its first call and keeps the fastest; the winner depends on timing noise and on the size that
+    arrived first, and a reduction's block size changes its summation order. Measured on an H100: two cold
+    compiles of the same model gave images a few levels apart, and a soak's images differed from a second
+    server's. Its deterministic mode picks reduction configurations by rule instead, so a retry on another
+    replica, a restart or a second server gives the same image for the same seed.
+    ZIMAGE_TURBO_INDUCTOR_DETERMINISTIC=0 turns it off (for measuring what it costs).
+    """
+    import os
+
+    from torch._inductor import config as inductor_config
+
+    if os.environ.get("ZIMAGE_TURBO_INDUCTOR_DETERMINISTIC", "1") == "0" or not hasattr(inductor_config, "deterministic"):
+        return {}
+    return {"deterministic": True}
+
+
 def _install(region: nn.Module) -> None:
     # What nn.Module.compile() does, plus a per-thread choice of path: the eager code stays
     # callable while another thread compiles (dynamo's cache is per code object, so every
     # instance of a block class shares one compiled graph).
-    compiled = torch.compile(region._call_impl, dynamic=True, fullgraph=False)
+    compiled = torch.compile(region._call_impl, dynamic=True, fullgraph=False, options=_inductor_options())
     eager = region._call_impl
 
     def call(*args, **kwargs):
