@@ -8,7 +8,7 @@ times each stage separately, so the first-image work is aimed at a measured cost
   * the reader alone: bytes read into pinned host buffers by N threads (no device copy), and the full
     host-to-device load (engine reader) with several worker counts and chunk sizes;
   * the loader: each part through load_components (reader + diffusers converter + assign).
-Prints one JSON document and writes load_profile.json to --out.
+Prints a JSON line per section as it goes and writes load_profile.json to --out.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def loader_parts(root: Path, device) -> dict:
     mf.COMPONENTS.clear()
     torch.cuda.empty_cache()
     dt, comps = _t(lambda: mf.load_components(source, device, torch.bfloat16, te_on_host=False))
-    res = {"total_s": round(dt, 3), **{k: round(v, 3) for k, v in comps.fresh.items()}}
+    res = {"total_s": round(dt, 3), **{k: round(v, 3) for k, v in comps.fresh_loads.items()}}
     mf.COMPONENTS.clear()
     return res
 
@@ -107,20 +107,27 @@ def main() -> None:
     device = torch.device("cuda:0")
     result = {"device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d")}
     t0 = time.perf_counter()
-    result["cuda_startup"] = cuda_startup(device)
+
+    def section(name, fn):
+        # Printed as it comes: a section that fails or a call cut short still leaves the earlier ones.
+        try:
+            result[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - a profile reports what broke and goes on
+            result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps({name: result[name]}), flush=True)
+
+    section("cuda_startup", lambda: cuda_startup(device))
     files = sorted(p for sub in ("diffusion_models", "text_encoders", "vae") for p in (args.root / sub).glob("*.safetensors"))
     result["files_gb"] = round(sum(f.stat().st_size for f in files) / 1e9, 2)
-    # Warm the page cache the way a restart finds it (the files were written or read shortly before).
-    result["host_read"] = [host_read(files, t, c << 20) for t, c in ((1, 32), (4, 32), (8, 32), (16, 32), (8, 128))]
-    result["reader_to_device"] = [reader_to_device(files, device, w, c << 20)
-                                  for w, c in ((8, 32), (16, 32), (8, 128), (4, 128), (16, 64))]
-    result["loader_parts"] = loader_parts(args.root, device)
+    section("loader_parts", lambda: loader_parts(args.root, device))
+    section("host_read", lambda: [host_read(files, t, c << 20) for t, c in ((1, 32), (4, 32), (8, 32), (16, 32), (8, 128))])
+    section("reader_to_device", lambda: [reader_to_device(files, device, w, c << 20)
+                                         for w, c in ((8, 32), (16, 32), (8, 128), (4, 128), (16, 64))])
+    section("loader_parts_again", lambda: loader_parts(args.root, device))
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(result, indent=1)
-    print(text, flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "load_profile.json").write_text(text + "\n")
+        (args.out / "load_profile.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
