@@ -47,7 +47,8 @@ from .lora import (
 from .probing.device_stats import nvml_snapshot
 from .probing.report import RunReport
 from .sampling import pipeline as _pipeline
-from .sampling.acceleration import COMPILE_MODES, prepare_compiler
+from .sampling.acceleration import COMPILE_MODES
+from .sampling import head_start as _head_start
 from .sampling.compile_cache import configure as configure_compile_cache
 from .sampling.pipeline import GenerationRequest, GenerationResult, TurboPipeline
 from .sampling.placement import MEMORY_MODES
@@ -56,7 +57,7 @@ __all__ = [
     "COMPILE_MODES", "DTYPE_NAMES", "MEMORY_MODES", "DiffusersFolder", "GenerationRequest", "GenerationResult",
     "InvalidSettingError", "LoraKeyError", "LoraSpec", "ModelFileError", "ModelSource", "NonFiniteError",
     "OutOfMemoryError", "PipelineStatus", "RunReport", "SplitFiles", "TurboPipeline", "ZImageError",
-    "check_strength", "combine_stack", "find_loaded", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "prepare_compiler", "loaded", "release", "release_all", "resolve_device",
+    "check_strength", "combine_stack", "find_loaded", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "prepare_imports", "loaded", "release", "release_all", "resolve_device",
     "resolve_dtype",
     # LoRA stacks: ComfyUI's common LORA_STACK type in and out, trigger words
     "TriggerWords", "common_stack_of", "common_stack_rows", "prompt_with_trigger_words", "read_trigger_words",
@@ -84,6 +85,17 @@ class PipelineStatus:
         return {"source": self.source, "device": self.device, "dtype": self.dtype, "memory": self.memory,
                 "compile": self.compile, "compile_status": self.compile_status, "weight_bytes": self.weight_bytes,
                 "lora_path": self.lora_path, "lora_slots": self.lora_slots, "last_total_s": self.last_total_s}
+
+
+
+def prepare_imports(compiler: bool) -> None:
+    """Start the heavy imports (model classes; torch's compiler when `compiler`) on a background thread, now.
+
+    For the node pack to call while ComfyUI starts: the first image then does not wait for them.
+    """
+    _head_start.import_model_classes()
+    if compiler:
+        _head_start.import_compiler()
 
 
 def load(source: ModelSource, device: torch.device, dtype: torch.dtype, memory: str = "resident",

@@ -24,10 +24,9 @@ from . import comfy_paths
 log = logging.getLogger("zimage_turbo")
 # ZIMAGE_TURBO_CACHE_DIR, when set, wins over this (engine/compile_cache.py).
 api.configure_compile_cache(comfy_paths.compile_cache_dir())
-if torch.cuda.is_available():
-    # A GPU pipeline compiles by default ("auto"): torch's compiler stack is imported on a thread
-    # while ComfyUI starts, not in the first image's time.
-    api.prepare_compiler()
+# The model classes (and, with a GPU, where pipelines compile by default, torch's compiler stack) are
+# imported on a thread while ComfyUI starts, not in the first image's time.
+api.prepare_imports(compiler=torch.cuda.is_available())
 
 
 def device_choices() -> list[str]:

@@ -183,7 +183,7 @@ def test_whole_matrix_formats_are_refused_on_the_adapter_path_before_anything_ch
 # ------------------------------------------------------------------ bad files: refused whole, named
 
 
-def write(tmp_path, name, tensors) -> "Path":
+def write(tmp_path, name, tensors):
     path = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path

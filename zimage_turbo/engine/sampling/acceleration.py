@@ -45,34 +45,6 @@ def wants_compile(mode: str, device_type: str) -> bool:
     return mode in ("on", "background") or (mode == "auto" and device_type == "cuda")
 
 
-_PREPARE_LOCK = threading.Lock()
-_PREPARE_THREAD: list = []
-
-
-def prepare_compiler() -> None:
-    """Import torch's compiler stack (dynamo, inductor: 2-4 s of imports) on a thread, now.
-
-    Called when a pipeline that will compile starts loading: the imports then overlap the reading
-    of the weights instead of delaying the first image (measured on an H100: 4.5 s of the first
-    image's sampler time went before its first step). Idempotent; a failed import is left for
-    the compile itself to report.
-    """
-    with _PREPARE_LOCK:
-        if _PREPARE_THREAD:
-            return
-
-        def run():
-            try:
-                import torch._dynamo  # noqa: F401
-                import torch._inductor.compile_fx  # noqa: F401
-            except Exception:  # noqa: BLE001 - the compile reports it, where a user sees it
-                pass
-
-        t = threading.Thread(target=run, name="zimage-turbo-import-compiler", daemon=True)
-        _PREPARE_THREAD.append(t)
-        t.start()
-
-
 def compiles_in_background(mode: str, device_type: str) -> bool:
     return mode == "background" or (mode == "auto" and device_type == "cuda")
 

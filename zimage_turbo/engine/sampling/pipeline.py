@@ -36,7 +36,7 @@ from ..model_config import (
 )
 from ..probing import device_stats
 from ..probing.report import RunReport
-from . import acceleration, compile_cache, fp16_guard
+from . import acceleration, compile_cache, fp16_guard, head_start
 from .placement import BlockStreamer, apply_plan, check_memory_mode, drop_streamers, plan_for
 from .warmup import CompileWarmup
 
@@ -474,8 +474,11 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
     sharing the pipeline (the nodes) pass their own to generate().
     """
     plan = plan_for(device, memory)
+    # One-time work that would otherwise land in the first image overlaps the reading of the weights.
+    head_start.import_model_classes()
+    head_start.warm_cuda_libraries(device)
     if acceleration.wants_compile(compile_mode, device.type):
-        acceleration.prepare_compiler()  # its imports overlap the loading
+        head_start.import_compiler()
     with _REGISTRY_LOCK:
         comps = load_components(source, device, dtype, plan.text_encoder_loads_to_host)
         pipe = _PIPELINES.get(comps.keys)

@@ -1,0 +1,48 @@
+"""The head start: one background thread, each job once, most urgent first, failures kept from the caller."""
+
+import sys
+import threading
+
+import torch
+
+from zimage_turbo.engine.sampling import head_start
+
+
+def test_model_classes_are_imported_on_the_thread():
+    done = head_start.import_model_classes()
+    assert done.wait(120)
+    assert "diffusers.models.transformers.transformer_z_image" in sys.modules
+    assert "transformers.models.qwen3.modeling_qwen3" in sys.modules
+    assert head_start.TIMINGS["model_classes"] > 0
+    # Idempotent: the same event, no second job.
+    assert head_start.import_model_classes() is done
+
+
+def test_cuda_warm_up_is_a_no_op_on_the_cpu():
+    done = head_start.warm_cuda_libraries(torch.device("cpu"))
+    assert done.is_set()
+    assert not any(k.startswith("cuda_libraries") for k in head_start._STARTED)
+
+
+def test_jobs_run_most_urgent_first_and_a_failure_does_not_stop_the_thread(monkeypatch):
+    ran = []
+    gate = threading.Event()
+    monkeypatch.setitem(head_start._ORDER, "test_gate", -1)
+    monkeypatch.setitem(head_start._ORDER, "test_late", 5)
+    monkeypatch.setitem(head_start._ORDER, "test_early", 0)
+    names = ("test_gate", "test_late", "test_fails", "test_early")
+    monkeypatch.setitem(head_start._ORDER, "test_fails", 3)
+    try:
+        first = head_start._submit("test_gate", lambda: (gate.wait(30), ran.append("gate")))
+        late = head_start._submit("test_late", lambda: ran.append("late"))
+        fails = head_start._submit("test_fails", lambda: 1 / 0)
+        early = head_start._submit("test_early", lambda: ran.append("early"))
+        gate.set()
+        for ev in (first, late, fails, early):
+            assert ev.wait(30)
+        # Queued while the gate job ran: the urgent one overtook the later ones; the failing job ended too.
+        assert ran == ["gate", "early", "late"]
+        assert "test_fails" in head_start.TIMINGS
+    finally:
+        for n in names:
+            head_start._STARTED.discard(n)
