@@ -19,8 +19,10 @@ except ImportError as exc:  # a missing dependency must not take ComfyUI down wi
     NODE_CLASS_MAPPINGS = {}
     NODE_DISPLAY_NAME_MAPPINGS = {}
 else:
+    from .zimage_turbo.nodes.comfy_runtime import start_imports_with_server
     from .zimage_turbo.nodes.preload import start_with_server
 
     start_with_server()  # opt-in (ZIMAGE_TURBO_PRELOAD or user/zimage_turbo_preload.json); never raises, never blocks
+    start_imports_with_server()  # the model classes imported once the server starts; never raises, never blocks
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -48,7 +48,7 @@ from .probing.device_stats import nvml_snapshot
 from .probing.report import RunReport
 from .sampling import pipeline as _pipeline
 from .sampling.acceleration import COMPILE_MODES
-from .sampling import head_start as _head_start
+from . import head_start as _head_start
 from .sampling.compile_cache import configure as configure_compile_cache
 from .sampling.pipeline import GenerationRequest, GenerationResult, TurboPipeline
 from .sampling.placement import MEMORY_MODES

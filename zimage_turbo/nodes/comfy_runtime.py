@@ -24,9 +24,33 @@ from . import comfy_paths
 log = logging.getLogger("zimage_turbo")
 # ZIMAGE_TURBO_CACHE_DIR, when set, wins over this (engine/compile_cache.py).
 api.configure_compile_cache(comfy_paths.compile_cache_dir())
-# The model classes (and, with a GPU, where pipelines compile by default, torch's compiler stack) are
-# imported on a thread while ComfyUI starts, not in the first image's time.
-api.prepare_imports(compiler=torch.cuda.is_available())
+
+
+def start_imports_with_server() -> None:
+    """Once ComfyUI has imported every custom node, import the model classes (and, with a GPU, where pipelines
+    compile by default, torch's compiler stack) on a background thread: the first image then need not.
+
+    Not at our own import: a pack imported after ours could be importing diffusers at that very moment.
+    Without a running server (the pack used as a library, tests) it does nothing; loading imports on demand.
+    """
+    try:
+        from server import PromptServer
+
+        instance = getattr(PromptServer, "instance", None)
+        if instance is None:
+            return
+
+        async def on_startup(app):
+            api.prepare_imports(compiler=torch.cuda.is_available())
+
+        try:
+            instance.app.on_startup.append(on_startup)
+        except (AttributeError, RuntimeError):  # no aiohttp app to hook, or it already runs
+            api.prepare_imports(compiler=torch.cuda.is_available())
+    except ImportError:
+        return
+    except Exception:  # noqa: BLE001 - a head start is never worth a failed start
+        log.exception("Z-Image Turbo could not schedule its imports; they happen at the first load instead")
 
 
 def device_choices() -> list[str]:

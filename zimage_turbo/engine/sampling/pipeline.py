@@ -36,7 +36,8 @@ from ..model_config import (
 )
 from ..probing import device_stats
 from ..probing.report import RunReport
-from . import acceleration, compile_cache, fp16_guard, head_start
+from .. import head_start
+from . import acceleration, compile_cache, fp16_guard
 from .placement import BlockStreamer, apply_plan, check_memory_mode, drop_streamers, plan_for
 from .warmup import CompileWarmup
 
@@ -474,11 +475,14 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
     sharing the pipeline (the nodes) pass their own to generate().
     """
     plan = plan_for(device, memory)
-    # One-time work that would otherwise land in the first image overlaps the reading of the weights.
-    head_start.import_model_classes()
+    # One-time work that would otherwise land in the first image: the CUDA libraries load and the compiler
+    # imports while the weights are read. The model classes are imported on the head-start thread only, and
+    # waited for here: diffusers' and transformers' lazy modules fail when two threads import them at once.
+    classes = head_start.import_model_classes()
     head_start.warm_cuda_libraries(device)
     if acceleration.wants_compile(compile_mode, device.type):
         head_start.import_compiler()
+    classes.wait()
     with _REGISTRY_LOCK:
         comps = load_components(source, device, dtype, plan.text_encoder_loads_to_host)
         pipe = _PIPELINES.get(comps.keys)

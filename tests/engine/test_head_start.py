@@ -5,7 +5,7 @@ import threading
 
 import torch
 
-from zimage_turbo.engine.sampling import head_start
+from zimage_turbo.engine import head_start
 
 
 def test_model_classes_are_imported_on_the_thread():
@@ -46,3 +46,32 @@ def test_jobs_run_most_urgent_first_and_a_failure_does_not_stop_the_thread(monke
     finally:
         for n in names:
             head_start._STARTED.discard(n)
+
+
+def test_a_pipeline_loads_while_the_head_start_imports(tiny):
+    """In a fresh interpreter (nothing of diffusers imported yet) the loader meets the head start mid-import.
+
+    Before the loader waited for the head-start thread, both threads imported diffusers at once and the
+    loader failed with "cannot import name 'ZImageTransformer2DModel' from 'diffusers'" (seen on the GPU).
+    """
+    import subprocess
+    from pathlib import Path
+
+    root = Path(tiny["root"]) / "diffusers" / "zit_tiny"
+    script = f"""
+import sys, torch
+from zimage_turbo.engine import head_start
+from zimage_turbo.engine.files.model_files import DiffusersFolder
+from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline
+assert "diffusers" not in sys.modules, "the check needs diffusers not yet imported"
+head_start.import_model_classes()
+pipe = get_pipeline(DiffusersFolder(__import__("pathlib").Path({str(root)!r})), torch.device("cpu"), torch.float32,
+                    "resident", "off")
+res = pipe.generate(GenerationRequest("a lighthouse", width=32, height=32, seed=1, steps=2))
+assert torch.isfinite(res.images).all()
+print("ok", round(head_start.TIMINGS["model_classes"], 2))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parents[2]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")

@@ -9,11 +9,14 @@ single-file converters come on top. Then the first text encode took 1.9 s and th
 each after a restart, when the libraries are in the page cache): cuBLAS and cuDNN load their kernels
 lazily, on first use, from libraries of hundreds of MB.
 
-So: the node pack starts the imports while ComfyUI starts, and a pipeline that loads on CUDA starts the
-library warm-up while its weights are read (reading waits on I/O and releases the GIL; so do most of
+So: the node pack starts the imports once ComfyUI has imported every custom node (not earlier: another
+pack importing diffusers at the same moment could fail, see below), and a pipeline that loads on CUDA
+starts the library warm-up while its weights are read (reading waits on I/O and releases the GIL; so do most of
 the library loads). One thread runs every job, most urgent first (model classes, then CUDA libraries,
-then the compiler, which the first image never waits for): two threads importing the same modules at
-once can deadlock on Python's import locks. Each job runs once per process; a job that fails is logged and
+then the compiler, which the first image never waits for). The loader waits for the model-class job
+instead of importing them itself: diffusers' and transformers' lazy modules are not safe to import from
+two threads at once (seen on the GPU machine: "cannot import name 'ZImageTransformer2DModel' from
+'diffusers'" while the head-start thread was inside the same import). Each job runs once per process; a job that fails is logged and
 left to the code that needs it, which raises where a user sees it.
 """
 
