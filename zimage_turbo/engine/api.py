@@ -1,6 +1,7 @@
 """The engine's public face: what the ComfyUI nodes, the routes and tools use, and nothing else of it.
 
     pipe = api.load(source, device, dtype, memory, compile_mode)   # cached per files/dtype/device
+    dtype, fp8 = api.resolve_precision("fp8 (fast)", device)     # a loader's dtype choice; fp8 -> api.load(fp8=)
     result = pipe.generate(api.GenerationRequest(...), loras=[api.LoraSpec(path, 0.8)])
     api.loaded()          # one PipelineStatus per loaded pipeline, without waiting for a load
     api.find(source, device, dtype)   # the loaded pipeline for these files, or None (never loads)
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import (
+    Fp8UnsupportedError,
     InvalidSettingError,
     LoraKeyError,
     ModelFileError,
@@ -50,11 +52,14 @@ from .sampling import pipeline as _pipeline
 from .sampling.acceleration import COMPILE_MODES
 from . import head_start as _head_start
 from .sampling.compile_cache import configure as configure_compile_cache
+from .sampling.fp8_mode import FP8_CHOICE, Fp8Policy
+from .sampling import fp8_mode as _fp8_mode
 from .sampling.pipeline import GenerationRequest, GenerationResult, TurboPipeline
 from .sampling.placement import MEMORY_MODES
 
 __all__ = [
-    "COMPILE_MODES", "DTYPE_NAMES", "MEMORY_MODES", "DiffusersFolder", "GenerationRequest", "GenerationResult",
+    "COMPILE_MODES", "DTYPE_NAMES", "MEMORY_MODES", "PRECISION_CHOICES", "FP8_CHOICE", "Fp8Policy",
+    "Fp8UnsupportedError", "resolve_precision", "precision_name", "DiffusersFolder", "GenerationRequest", "GenerationResult",
     "InvalidSettingError", "LoraKeyError", "LoraSpec", "ModelFileError", "ModelSource", "NonFiniteError",
     "OutOfMemoryError", "PipelineStatus", "RunReport", "SplitFiles", "TurboPipeline", "ZImageError",
     "check_strength", "combine_stack", "find_loaded", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "prepare_imports", "loaded", "release", "release_all", "resolve_device",
@@ -63,6 +68,25 @@ __all__ = [
     "TriggerWords", "common_stack_of", "common_stack_rows", "prompt_with_trigger_words", "read_trigger_words",
     "stack_trigger_words",
 ]
+
+
+# The loader's dtype choices: the weights' dtypes, and the opt-in fp8 mode (bf16 with most block matrices in fp8).
+PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32", FP8_CHOICE)
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype, Fp8Policy | None]:
+    """A loader's dtype choice as (weights' dtype, fp8 policy or None). "fp8 (fast)" is refused here, before
+    anything loads, where it cannot run (Fp8UnsupportedError says what to choose instead); its policy comes from
+    ZIMAGE_TURBO_FP8_POLICY (default: "default")."""
+    if name == FP8_CHOICE:
+        _fp8_mode.check_supported(device)
+        return torch.bfloat16, _fp8_mode.policy_from_env()
+    return resolve_dtype(name, device), None
+
+
+def precision_name(dtype: torch.dtype, fp8: Fp8Policy | None) -> str:
+    """How a status page names a pipeline's precision: bf16 / fp16 / fp32 / fp8 (fast)."""
+    return FP8_CHOICE if fp8 is not None else DTYPE_NAMES[dtype]
 
 
 @dataclass(frozen=True)
@@ -99,9 +123,9 @@ def prepare_imports(compiler: bool) -> None:
 
 
 def load(source: ModelSource, device: torch.device, dtype: torch.dtype, memory: str = "resident",
-         compile_mode: str = "auto") -> TurboPipeline:
-    """The cached pipeline for these files/dtype/device, loading what is missing."""
-    return _pipeline.get_pipeline(source, device, dtype, memory, compile_mode)
+         compile_mode: str = "auto", fp8: Fp8Policy | None = None) -> TurboPipeline:
+    """The cached pipeline for these files/dtype/device (and fp8 policy, see resolve_precision), loading what is missing."""
+    return _pipeline.get_pipeline(source, device, dtype, memory, compile_mode, fp8)
 
 
 def _snapshot() -> list[TurboPipeline]:
@@ -114,7 +138,7 @@ def loaded() -> list[PipelineStatus]:
     out = []
     for p in _snapshot():
         out.append(PipelineStatus(
-            source=p.comps.source.describe(), device=str(p.device), dtype=DTYPE_NAMES[p.dtype], memory=p.memory,
+            source=p.comps.source.describe(), device=str(p.device), dtype=precision_name(p.dtype, p.fp8), memory=p.memory,
             compile=p.compile_mode, compile_status=p.compile_status(), weight_bytes=p.weight_bytes(),
             lora_path=p.tstate.lora.path, lora_slots=p.tstate.lora.slot_count,
             last_total_s=p.last_report.total_s if p.last_report else None, pipe=p))
@@ -126,10 +150,11 @@ def find_loaded(pipe: TurboPipeline) -> bool:
     return any(p is pipe for p in _snapshot())
 
 
-def find(source: ModelSource, device: torch.device, dtype: torch.dtype) -> TurboPipeline | None:
-    """The loaded pipeline for these files, dtype and device, or None: never loads anything."""
+def find(source: ModelSource, device: torch.device, dtype: torch.dtype,
+         fp8: Fp8Policy | None = None) -> TurboPipeline | None:
+    """The loaded pipeline for these files, dtype, device (and fp8 policy), or None: never loads anything."""
     for p in _snapshot():
-        if p.comps.source == source and p.device == device and p.dtype == dtype:
+        if p.comps.source == source and p.device == device and p.dtype == dtype and p.fp8 == fp8:
             return p
     return None
 

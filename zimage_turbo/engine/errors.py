@@ -27,3 +27,7 @@ class OutOfMemoryError(ZImageError):
 
 class NonFiniteError(ZImageError):
     """A generation produced NaN/infinite values: refused rather than returned as a black image."""
+
+
+class Fp8UnsupportedError(InvalidSettingError):
+    """fp8 (fast) was asked for where it cannot run (no fp8 tensor cores, no torchao, low_vram); says what to choose."""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..engine.api import (COMPILE_MODES, MEMORY_MODES, DiffusersFolder, SplitFiles, ZImageError, resolve_device,
-                          resolve_dtype)
+from ..engine.api import (COMPILE_MODES, MEMORY_MODES, PRECISION_CHOICES, DiffusersFolder, SplitFiles, ZImageError,
+                          resolve_device, resolve_precision)
 from . import comfy_paths, comfy_runtime
 from .constants import CATEGORY, PIPE_TYPE
 from .pipe_handle import PipeHandle
@@ -40,10 +40,14 @@ class ZImageTurboLoader:
                     "default": "ae.safetensors",
                     "tooltip": "The Flux VAE in models/vae (ae.safetensors). Ignored when the model is a diffusers folder.",
                 }),
-                "dtype": (["auto", "bf16", "fp16", "fp32"], {
+                "dtype": (list(PRECISION_CHOICES), {
                     "default": "auto",
                     "tooltip": "Weights and compute precision. auto: bf16 where the device supports it, else fp16. "
-                               "fp16 is kept finite by clamping the activations that pass 65504.",
+                               "fp16 is kept finite by clamping the activations that pass 65504. fp8 (fast): bf16 with "
+                               "most of the transformer's matrix products in fp8 (torchao), faster and half the "
+                               "transformer's memory, images close to bf16 but not equal; first/last blocks, refiners, "
+                               "embedders and final layer stay bf16. Needs a GPU with fp8 tensor cores (RTX 40xx, "
+                               "L4/L40, H100/H200, Blackwell) and torchao; refused elsewhere, and with low_vram.",
                 }),
                 "device": (comfy_runtime.device_choices(), {
                     "default": "auto",
@@ -86,20 +90,21 @@ class ZImageTurboLoader:
         return True
 
     def load(self, model, text_encoder, vae, dtype, device, memory, compile="auto"):
-        source, dev, dt = resolve(model, text_encoder, vae, dtype, device)
-        handle = PipeHandle(source, dev, dt, memory, compile)
+        source, dev, dt, fp8 = resolve(model, text_encoder, vae, dtype, device)
+        handle = PipeHandle(source, dev, dt, memory, compile, fp8)
         handle.get()  # preload now, so the load shows up on this node and the sampler starts warm
         return (handle,)
 
 
 def resolve(model, text_encoder, vae, dtype, device):
-    """The loader's inputs as the engine's cache sees them: (source files, device, dtype).
+    """The loader's inputs as the engine's cache sees them: (source files, device, dtype, fp8 policy or None).
 
     Shared with the start-up preload (preload.py), so both find the same cached pipeline.
     """
     source = _source(model, text_encoder, vae)
     dev = resolve_device(device, comfy_runtime.comfy_device())
-    return source, dev, resolve_dtype(dtype, dev)
+    dt, fp8 = resolve_precision(dtype, dev)  # fp8 (fast) is refused here where it cannot run, before anything loads
+    return source, dev, dt, fp8
 
 
 def _model_source_name(model):

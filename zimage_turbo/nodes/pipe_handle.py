@@ -23,17 +23,19 @@ class PipeHandle:
     dtype: torch.dtype
     memory: str
     compile_mode: str = "auto"
+    fp8: api.Fp8Policy | None = None  # the fp8 (fast) mode's policy
 
     def __repr__(self) -> str:
         # ComfyUI shows str() of node inputs in its error reports to API clients: file names only.
-        return (f"ZImageTurboPipe({self.source.describe()}, {self.device}, {str(self.dtype).replace('torch.', '')}, "
+        precision = api.FP8_CHOICE if self.fp8 is not None else str(self.dtype).replace('torch.', '')
+        return (f"ZImageTurboPipe({self.source.describe()}, {self.device}, {precision}, "
                 f"{self.memory}, compile={self.compile_mode})")
 
     def get(self) -> api.TurboPipeline:
-        pipe = api.load(self.source, self.device, self.dtype, self.memory, self.compile_mode)
+        pipe = api.load(self.source, self.device, self.dtype, self.memory, self.compile_mode, self.fp8)
         comfy_runtime.register_with_model_manager(pipe)
         return pipe
 
     def peek(self) -> api.TurboPipeline | None:
         """The pipeline if it is loaded, else None: never loads (20 GB) just to show something."""
-        return api.find(self.source, self.device, self.dtype)
+        return api.find(self.source, self.device, self.dtype, self.fp8)

@@ -37,7 +37,7 @@ ENV_VAR = "ZIMAGE_TURBO_PRELOAD"
 USER_FILE = "zimage_turbo_preload.json"
 KEYS = ("model", "text_encoder", "vae", "dtype", "device", "memory", "compile")
 FILE_KEYS = {"model": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+DTYPE_CHOICES = api.PRECISION_CHOICES
 MAX_CONFIG_BYTES = 1 << 20
 POLL_S = 0.5
 # Overall state: the first of these that any entry is in (work still going first, so a client that
@@ -226,11 +226,11 @@ def load_pipeline(settings: dict):
 
     from .loader_node import resolve
 
-    source, device, dtype = resolve(settings["model"], settings["text_encoder"], settings["vae"], settings["dtype"],
-                                    settings["device"])
+    source, device, dtype, fp8 = resolve(settings["model"], settings["text_encoder"], settings["vae"],
+                                         settings["dtype"], settings["device"])
     # In inference mode, as ComfyUI runs the loader node: the weights are the same kind of tensors either way.
     with torch.inference_mode():
-        pipe = api.load(source, device, dtype, settings["memory"], settings["compile"])
+        pipe = api.load(source, device, dtype, settings["memory"], settings["compile"], fp8)
     # The weights were read now, not by the first generation: its report must not say it loaded them.
     with pipe.lock:
         pipe.pending_loads.clear()

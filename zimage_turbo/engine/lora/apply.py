@@ -87,6 +87,9 @@ def _free_bytes(device: torch.device) -> int:
         return 0
 
 
+STREAMING_WHY = "the transformer streams (low_vram): its weights cannot be merged"
+STREAMING_ADVICE = "choose the memory mode resident or offload_text_encoder in the Turbo Loader (low_vram streams the weights)"
+
 DEVICE_COPIES = 4  # LoRA files kept on the device, ready to merge or to copy into a slot
 
 
@@ -122,7 +125,8 @@ class LoraManager:
             n: getattr(transformer.get_submodule(n), "base_layer", transformer.get_submodule(n)) for n in self.modules
         }
         self.mode = lora_mode_from_env()
-        self.allow_merge = True  # False while the transformer's blocks stream (low_vram)
+        self.allow_merge = True  # False while the transformer's blocks stream (low_vram), and in fp8 mode
+        self.no_merge_why, self.no_merge_advice = STREAMING_WHY, STREAMING_ADVICE  # said while allow_merge is False
         self.path = ""  # how the current stack runs: merged / adapters / ""
         self.current: tuple[tuple[str, float], ...] = ()  # (file's adapter name, strength), canonical order
         self.why_adapters = ""
@@ -199,8 +203,10 @@ class LoraManager:
             return ("adapters", len(self.current))
         return "base"
 
-    def set_allow_merge(self, allow: bool) -> None:
-        """The pipeline says whether the base weights may be merged into (not while they stream)."""
+    def set_allow_merge(self, allow: bool, why: str = "", advice: str = "") -> None:
+        """The pipeline says whether the base weights may be merged into (not while they stream, not in fp8 mode);
+        `why` / `advice`: what the probe and a refusal say while they may not (default: streaming's)."""
+        self.no_merge_why, self.no_merge_advice = why or STREAMING_WHY, advice or STREAMING_ADVICE
         if allow == self.allow_merge:
             return
         if not allow:
@@ -262,7 +268,7 @@ class LoraManager:
             self.why_adapters = f"{LORA_MODE_ENV}=adapters"
             return False
         if not self.allow_merge:
-            self.why_adapters = "the transformer streams (low_vram): its weights cannot be merged"
+            self.why_adapters = self.no_merge_why
             return False
         weights = {m for p in files for m, t in p.targets.items() if t.low_rank is not None or t.dense is not None}
         biases = {m for p in files for m, t in p.targets.items() if t.bias is not None}
@@ -344,7 +350,7 @@ class LoraManager:
         if self.mode == "adapters":
             advice = f"unset {LORA_MODE_ENV}=adapters (or set it to merge)"
         elif not self.allow_merge:
-            advice = "choose the memory mode resident or offload_text_encoder in the Turbo Loader (low_vram streams the weights)"
+            advice = self.no_merge_advice
         else:
             advice = (f"free memory on the device (fewer LoRAs at once, a smaller batch), or set {LORA_MODE_ENV}=merge "
                       "to merge anyway")
@@ -420,6 +426,8 @@ class LoraManager:
             with warnings.catch_warnings():
                 # PEFT warns that a model already holding adapters gets another one: that is the point here.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                # Over torchao's fp8 layers (fp8 mode) PEFT warns that it cannot merge them: it never has to here.
+                warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
                 inject_adapter_in_model(config, self.transformer, adapter_name=f"slot{i}")
         named = [(n, m) for n, m in self.transformer.named_modules() if isinstance(m, LoraLayer)]
         self.layers = [m for _, m in named]

@@ -18,6 +18,7 @@ class RunReport:
     device: str = ""
     device_name: str = ""
     dtype: str = ""
+    fp8: str = ""  # the fp8 mode's policy and layer counts ("" when off)
     memory_mode: str = ""
     source: str = ""
     width: int = 0
@@ -65,6 +66,7 @@ class RunReport:
             device=str(pipe.device),
             device_name=device_stats.device_name(pipe.device),
             dtype=DTYPE_NAMES[pipe.dtype],
+            fp8=getattr(pipe, "fp8_summary", ""),
             memory_mode=pipe.memory,
             source=pipe.comps.source.describe(),
             width=req.width,
@@ -132,6 +134,8 @@ class RunReport:
             "",
             "phase            time",
         ]
+        if self.fp8:
+            lines.insert(2, self.fp8)
         load_note = ", ".join(f"{k} {v:.2f}s" for k, v in self.load_s.items()) or "cached, nothing read"
         lines.append(f"load         {ms(self.load_total_s)}   ({load_note})")
         lora_note = ", ".join(f"{x['file']}@{x['strength']:g}" for x in self.lora) or "none"

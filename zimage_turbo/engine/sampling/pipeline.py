@@ -37,7 +37,7 @@ from ..model_config import (
 from ..probing import device_stats
 from ..probing.report import RunReport
 from .. import head_start
-from . import acceleration, compile_cache, fp16_guard
+from . import acceleration, compile_cache, fp8_mode, fp16_guard
 from .placement import BlockStreamer, apply_plan, check_memory_mode, drop_streamers, plan_for
 from .warmup import CompileWarmup
 
@@ -129,8 +129,9 @@ class TurboPipeline:
     """One loaded Z-Image-Turbo: generate() runs LoRA apply, text encoding, denoising and decoding."""
 
     def __init__(self, comps: LoadedComponents, device: torch.device, dtype: torch.dtype, memory: str,
-                 compile_mode: str = "auto"):
+                 compile_mode: str = "auto", fp8: fp8_mode.Fp8Policy | None = None):
         self.comps = comps
+        self.fp8 = fp8  # the fp8 mode's policy (fp8_mode.py), None for the loaded precision alone
         self.device = device
         self.dtype = dtype
         self.memory = memory
@@ -146,7 +147,11 @@ class TurboPipeline:
         self.lock = threading.Lock()
         self.vae_fp32 = None
         self.warmup = CompileWarmup(self)
-        self.cache_tag = compile_cache.tag(device, dtype, _shape_signature(self.transformer, self.text_encoder, self.vae))
+        signature = _shape_signature(self.transformer, self.text_encoder, self.vae)
+        if fp8 is not None:  # fp8 layers compile to other kernels: their artifacts are kept apart
+            signature += f"|fp8:{fp8!r}"
+        self.cache_tag = compile_cache.tag(device, dtype, signature)
+        self.fp8_summary = fp8_mode.describe(self.transformer) if fp8 is not None else ""
         self._graphs_saved = None
         if dtype == torch.float16:
             if not self.tstate.guards:
@@ -173,7 +178,7 @@ class TurboPipeline:
 
     def weight_bytes(self) -> int:
         """Bytes of every weight of the three models (what ComfyUI's manager and status pages are told)."""
-        return sum(t.numel() * t.element_size() for m in (self.transformer, self.text_encoder, self.vae)
+        return sum(fp8_mode.tensor_bytes(t) for m in (self.transformer, self.text_encoder, self.vae)
                    for t in m.parameters())
 
     def lora_variant(self):
@@ -236,7 +241,10 @@ class TurboPipeline:
     def _apply_memory_mode(self) -> None:
         """Put the weights where this pipeline's memory mode wants them (placement.py decides)."""
         plan = plan_for(self.device, self.memory)
-        self.tstate.lora.set_allow_merge(plan.lora_may_merge)
+        if self.fp8 is not None:  # LoRAs run beside the fp8 weights, never merged into them (fp8_mode.py says why)
+            self.tstate.lora.set_allow_merge(False, fp8_mode.LORA_WHY, fp8_mode.LORA_ADVICE)
+        else:
+            self.tstate.lora.set_allow_merge(plan.lora_may_merge)
         apply_plan(plan, self.device, self.transformer, self.tstate, self.text_encoder, self.testate)
 
     def drop_streamers(self) -> None:
@@ -296,12 +304,19 @@ class TurboPipeline:
             check_memory_mode(memory)
         if compile_mode is not None:
             acceleration.check_compile_mode(compile_mode)
+        if self.fp8 is not None:
+            fp8_mode.check_memory(memory if memory is not None else self.memory)
         # Inference mode for everything, LoRA slot updates included: tensors made inside it (as
         # ComfyUI runs nodes) may only be changed inside it. The pipeline's device is made the
         # current one, so every CUDA call (events, streams, sync, memory stats) names it even in a
         # process whose current device is another GPU (ComfyUI's default is cuda:0).
         with self.lock, torch.inference_mode(), acceleration.tracing_context(), device_stats.current_device(self.device):
             try:
+                if fp8_mode.policy_of(self.transformer) != self.fp8:
+                    raise InvalidSettingError(
+                        "another loader of these model files turned this pipeline's transformer to another precision "
+                        "(fp8 (fast) and bf16 of the same files are kept once): queue the prompt again, its loader "
+                        "loads its own.")
                 if memory is not None:
                     self.memory = memory
                 if compile_mode is not None:
@@ -468,13 +483,16 @@ _PIPELINES: dict[tuple, TurboPipeline] = {}
 
 
 def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, memory: str = "resident",
-                 compile_mode: str = "auto") -> TurboPipeline:
+                 compile_mode: str = "auto", fp8: fp8_mode.Fp8Policy | None = None) -> TurboPipeline:
     """The cached pipeline for these files/dtype/device (loading what is missing).
 
     `memory` and `compile_mode` become its defaults for generate() calls that name none; callers
-    sharing the pipeline (the nodes) pass their own to generate().
+    sharing the pipeline (the nodes) pass their own to generate(). `fp8`: the fp8 mode with this
+    policy (fp8_mode.py; refused before anything loads where it cannot run), dtype being bf16.
     """
     plan = plan_for(device, memory)
+    if fp8 is not None:
+        fp8_mode.check_supported(device, dtype, memory)
     # One-time work that would otherwise land in the first image: the CUDA libraries load and the compiler
     # imports while the weights are read. The model classes are imported on the head-start thread only, and
     # waited for here: diffusers' and transformers' lazy modules fail when two threads import them at once.
@@ -483,19 +501,92 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
     if acceleration.wants_compile(compile_mode, device.type):
         head_start.import_compiler()
     classes.wait()
+    # fp8: a transformer read now is quantised before the text encoder comes to the device (it is read into host
+    # memory and moved at the first image), so loading never holds the bf16 transformer and the encoder at once.
+    te_on_host = plan.text_encoder_loads_to_host or (fp8 is not None and plan.on_gpu)
     with _REGISTRY_LOCK:
-        comps = load_components(source, device, dtype, plan.text_encoder_loads_to_host)
-        pipe = _PIPELINES.get(comps.keys)
+        comps = _components(source, device, dtype, te_on_host, fp8)
+        key = comps.keys if fp8 is None else comps.keys + (("fp8", fp8),)
+        pipe = _PIPELINES.get(key)
         acceleration.check_compile_mode(compile_mode)  # reject a bad value before anything runs
         if pipe is None:
-            pipe = TurboPipeline(comps, device, dtype, memory, compile_mode)
-            _PIPELINES[comps.keys] = pipe
+            pipe = TurboPipeline(comps, device, dtype, memory, compile_mode, fp8)
+            _PIPELINES[key] = pipe
         else:
             for part, secs in comps.fresh_loads.items():
                 pipe.pending_loads[part] = secs
         pipe.memory = memory
         pipe.compile_mode = compile_mode
         return pipe
+
+
+RETIRE_WAIT_S = 300.0  # longest wait for a generation of a pipeline whose transformer changes precision
+
+
+def _components(source, device, dtype, te_on_host, fp8) -> LoadedComponents:
+    """The components for these files, with the transformer in the precision asked for (under _REGISTRY_LOCK).
+
+    One transformer per set of files and device is kept, in one precision: fp8 is made from the loaded bf16
+    weights in place (no second copy on the device), and bf16 comes back only by reading the file again (fp8
+    cannot be undone exactly). Pipelines using it in the other precision are retired first: their loaders
+    load their own when they run next.
+    """
+    comps = load_components(source, device, dtype, te_on_host)
+    have = fp8_mode.policy_of(comps.transformer.module)
+    if have == fp8:
+        return comps
+    import contextlib
+
+    with contextlib.ExitStack() as held:
+        _retire(comps.transformer, held)
+        if have is not None:
+            key = comps.transformer.key
+            comps.transformer.state = None
+            comps = None  # nothing refers to the fp8 weights any more: they go before the file is read again
+            COMPONENTS.drop([key])
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            comps = load_components(source, device, dtype, te_on_host)
+        if fp8 is not None:
+            _plain_weights(comps.transformer)
+            t0 = time.perf_counter()
+            chosen = fp8_mode.quantize(comps.transformer.module, fp8)
+            log.info("zimage_turbo: %s (%.1f s)", chosen.summary(), time.perf_counter() - t0)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return comps
+
+
+def _retire(transformer: CachedComponent, held) -> None:
+    """Take the pipelines using this transformer out of the registry; their locks stay held (in `held`) until its
+    weights have changed, so a generation waiting for one then sees the change and stops."""
+    victims = [k for k, p in _PIPELINES.items() if p.comps.transformer is transformer]
+    for k in victims:
+        pipe = _PIPELINES[k]
+        if not pipe.lock.acquire(timeout=RETIRE_WAIT_S):
+            raise InvalidSettingError("another generation with these model files is still running in the other "
+                                      "precision: queue the prompt again when it is done.")
+        held.callback(pipe.lock.release)
+        del _PIPELINES[k]
+        pipe.warmup.cancel()
+        pipe.warmup.wait()  # no background compile may trace weights that are about to change
+
+
+def _plain_weights(component: CachedComponent) -> None:
+    """The transformer as loaded: LoRAs restored, streaming stopped (weights on the device), not compiled.
+
+    Its LoRA state is dropped: a pipeline made next starts a new one for the new weights.
+    """
+    st = getattr(component, "state", None)
+    if st is not None:
+        st.lora.remove_all()
+        if st.streamer is not None:
+            st.streamer.remove(back_to_device=True)
+            st.streamer = None
+        component.state = None
+    if acceleration.is_compiled(component.module):
+        acceleration.set_transformer(component.module, False)
 
 
 def _shape_signature(*modules) -> str:

@@ -115,6 +115,15 @@ class CompileWarmup:
             if not self.running:
                 self.state = "off"
 
+    def cancel(self) -> None:
+        """Forget the variants waiting (a pipeline being retired); a running thread ends after the one it is on."""
+        with self.lock:
+            if self.running:
+                del self.queue[1:]  # the thread's current variant is queue[0]
+            else:
+                self.queue.clear()
+                self.done.set()
+
     def request(self, variant, start: bool = True) -> None:
         """Compile this variant in the background (idempotent).
 
