@@ -219,15 +219,9 @@ class Fp8Cost:
                     "fp8_offload_peak_gib": None, "fp8_compile_s": None, "fp8_psnr_db": None, "fp8_ssim": None,
                     "fp8_latent_rel_err": None, "sizes": [], "sections": {}, "errors": {}, "skipped": {}}
         if args.merge_from:
-            earlier = json.loads(Path(args.merge_from).read_text())
-            for k, v in earlier.items():
-                if k in ("sizes",):
-                    self.res["sizes"] = list(v)
-                elif k in ("sections", "errors", "skipped"):
-                    self.res[k].update(v)
-                elif v is not None and k not in ("date", "settings"):
-                    self.res[k] = v
-            self.res["merged_from"] = str(args.merge_from)
+            mine = {k: self.res[k] for k in ("date", "settings", "device", "title")}
+            merge_into(self.res, json.loads(Path(args.merge_from).read_text()))
+            self.res.update(mine, merged_from=str(args.merge_from))
 
     # -------------------------------------------------------------- output
 
@@ -319,8 +313,13 @@ class Fp8Cost:
         """The first image on a fresh pipeline: with compile "on" it waits for the compile (every padding case)."""
         t, result = self.timed_generate(self.request())
         st = self.pipe.compile_status()
-        return {"first_image_s": t, "compile_path": result.report.compile_path, "compile_s": st.get("seconds"),
-                "compile_state": st.get("state"), "load_s": result.report.load_s}
+        out = {"first_image_s": t, "compile_path": result.report.compile_path, "compile_s": st.get("seconds"),
+               "compile_state": st.get("state"), "compile_error": st.get("error"), "load_s": result.report.load_s}
+        if self.compile_mode != "off":
+            from torch._dynamo.utils import counters
+
+            out["dynamo_unique_graphs"] = counters["stats"]["unique_graphs"]  # across the process, so far
+        return out
 
     def quality_images(self, prompts, seeds, size) -> dict:
         out = {"latents": [], "images": []}
@@ -659,8 +658,8 @@ class Fp8Cost:
             if policy is policies[0]:
                 self.res.update(fp8_psnr_db=q["psnr_db_mean"], fp8_ssim=q["ssim_mean"],
                                 fp8_latent_rel_err=q["latent_rel_err_mean"])
-            print(f"{policy.name}: PSNR {q['psnr_db_mean']:.2f} dB, SSIM {q['ssim_mean']}, latent error "
-                  f"{q['latent_rel_err_mean']:.4f}", flush=True)
+            print(f"{policy.name}: PSNR {_f(q['psnr_db_mean'], '{:.2f} dB', 'identical')}, SSIM "
+                  f"{_f(q['ssim_mean'], '{:.4f}')}, latent error {_f(q['latent_rel_err_mean'], '{:.4f}')}", flush=True)
             self.save()
         print(f"wrote {self.out_base}.json / .md and the images in {img_dir}", flush=True)
 
@@ -840,6 +839,8 @@ def parse_args(argv=None):
     ap.add_argument("--sections", type=lambda s: set(s.replace("+", ",").split(",")), default=None,
                     help=f"only these sections ({', '.join(SECTIONS)}); env always helps the others")
     ap.add_argument("--merge-from", type=Path, help="start from an earlier run's JSON (its figures are kept)")
+    ap.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                    help="no run: merge these results (later ones win) into <out>/<first's name>.json/.md/.png")
     ap.add_argument("--budget-s", type=float, default=None, help="skip what starts after this many seconds")
     ap.add_argument("--no-compile", action="store_true", help="eager only (compile off)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run on the tiny model: fp8 refused, no ComfyUI")
@@ -856,15 +857,47 @@ def parse_args(argv=None):
     q.add_argument("--quality-compile", default="off", choices=("off", "on"),
                    help="compile both (off: the eager paths, precision alone differs)")
     args = ap.parse_args(argv)
-    if not args.quality_only and args.root is None:
+    if not args.quality_only and args.root is None and not args.render:
         ap.error("--root is required (or --quality-only with your files)")
     if args.sections and "env" not in args.sections:
         args.sections.add("env")
     return args
 
 
+def merge_into(res: dict, part: dict) -> dict:
+    """`part`'s figures into `res`: size entries by (system, size, batch), sections by name; a null never
+    overwrites a figure."""
+    for k, v in part.items():
+        if k == "sizes":
+            keep = {(e["system"], e["width"], e["batch"]) for e in v}
+            res["sizes"] = [e for e in res.get("sizes", []) if (e["system"], e["width"], e["batch"]) not in keep] + v
+        elif isinstance(v, dict) and isinstance(res.get(k), dict):
+            res[k] = {**res[k], **v}
+        elif v is not None or k not in res:
+            res[k] = v
+    return res
+
+
+def merge_results(paths) -> dict:
+    """Results of several calls (e.g. ours in one, ComfyUI and diffusers in the next) as one: later figures win."""
+    res: dict = {}
+    for path in paths:
+        merge_into(res, json.loads(Path(path).read_text()))
+    res["merged_from"] = [Path(p).name for p in paths]
+    return res
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        res = merge_results(args.render)
+        base = Path(args.out) / Path(args.render[0]).stem
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str, ensure_ascii=False))
+        base.with_suffix(".md").write_text(render(res))
+        plot(res, base.with_suffix(".png"))
+        print(f"wrote {base}.json, .md and .png")
+        return 0
     run = Fp8Cost(args)
     if args.quality_only:
         run.run_quality_only()

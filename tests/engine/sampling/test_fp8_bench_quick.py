@@ -52,10 +52,52 @@ def test_quick_run_with_fp8_simulated_fills_the_fp8_figures(tiny, fresh_engine, 
     assert res["fp8_e2e_s"] > 0 and res["fp8_step_ms"] > 0
     assert 0 < res["fp8_latent_rel_err"] < 0.2 and 10 < res["fp8_psnr_db"] < 100 and 0 < res["fp8_ssim"] <= 1
     fp8 = res["sections"]["fp8"]
-    assert fp8["summary"].startswith("fp8 (fast): fp8 all_blocks:") and fp8["quality"]["metrics"].startswith("torchmetrics")
+    assert fp8["summary"].startswith("fp8 (fast): policy all_blocks:") and fp8["quality"]["metrics"].startswith("torchmetrics")
     lora = res["sections"]["fp8_lora"]
     assert lora["path"] == "adapters" and lora["all_off_image_bit_identical"] and lora["fp8_weights_bit_identical"]
     assert lora["fold_requant"]["layers"] > 0 and lora["fold_requant"]["ms"] > 0
     assert {("ours-fp8", 64, 1), ("ours-fp8", 96, 1), ("ours-fp8", 64, 2)} <= {
         (e["system"], e["width"], e["batch"]) for e in res["sizes"]}
     assert "sizes_bf16" not in res["sections"]  # --sections
+
+
+def test_results_of_two_calls_merge_later_figures_winning(tmp_path):
+    a = {"device": "H100", "e2e_s": 0.8, "fp8_e2e_s": None, "sections": {"bf16": {"x": 1}},
+         "sizes": [{"system": "ours-bf16", "width": 1024, "height": 1024, "batch": 1, "e2e_s": 0.8},
+                   {"system": "comfyui", "width": 1024, "height": 1024, "batch": 1, "e2e_s": None}]}
+    b = {"device": "H100", "e2e_s": None, "fp8_e2e_s": 0.6, "sections": {"sizes_comfyui": {"y": 2}},
+         "sizes": [{"system": "comfyui", "width": 1024, "height": 1024, "batch": 1, "e2e_s": 1.1}]}
+    paths = []
+    for name, part in (("a", a), ("b", b)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(part))
+    merged = fp8_cost.merge_results(paths)
+    assert merged["e2e_s"] == 0.8 and merged["fp8_e2e_s"] == 0.6  # a null never overwrites a figure
+    assert set(merged["sections"]) == {"bf16", "sizes_comfyui"}
+    assert sorted((e["system"], e["e2e_s"]) for e in merged["sizes"]) == [("comfyui", 1.1), ("ours-bf16", 0.8)]
+    assert fp8_cost.main(["--render", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "r")]) == 0
+    assert "| comfyui | 1024² | 1 | 1.100 s" in (tmp_path / "r" / "a.md").read_text()
+
+
+def test_quality_only_on_a_users_files(tiny, fresh_engine, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in the snow\n\n一只猫\n")
+    argv = ["--quality-only", "--model", str(tiny["built"].diffusers_dir), "--out", str(tmp_path / "q"), "--size", "64",
+            "--seeds", "1,2", "--prompts", str(prompts), "--policy", "all_blocks,default", "--work", str(tmp_path / "w")]
+    with pytest.raises(SystemExit, match="fp8 tensor cores"):  # a CPU: refused before anything loads
+        fp8_cost.main(argv)
+    try:
+        import torchao.quantization.quant_api as quant_api
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"torchao is not importable here ({type(exc).__name__})")
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *a, **k: None)
+    monkeypatch.setattr(fp8_mode, "device_capability", lambda device: (9, 0))
+    assert fp8_cost.main(argv) == 0
+    (path,) = (tmp_path / "q").glob("fp8-quality-*.json")
+    res = json.loads(path.read_text())
+    q = res["sections"]["quality_all_blocks"]
+    assert len(q["psnr_db"]) == len(q["ssim"]) == len(q["latent_rel_err"]) == 4  # 2 prompts x 2 seeds
+    assert res["fp8_psnr_db"] == q["psnr_db_mean"] and 0 < res["fp8_latent_rel_err"] < 0.3
+    assert res["sections"]["quality_default"]["latent_rel_err_mean"] == 0  # the tiny model: default keeps both blocks
+    images = sorted(p.name for p in path.with_name(path.stem + "-images").glob("*.png"))
+    assert images[:3] == ["00-bf16.png", "00-fp8-all_blocks.png", "00-fp8-default.png"] and len(images) == 12

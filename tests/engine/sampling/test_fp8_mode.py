@@ -55,7 +55,7 @@ def test_default_policy_on_the_tiny_architecture():
     for outside in ("all_x_embedder.2-1", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2",
                     "all_final_layer.2-1.linear", "all_final_layer.2-1.adaLN_modulation.1"):
         assert kept[outside] == "outside the blocks (embedders, final layer)"
-    assert "4 of" not in chosen.summary() and chosen.summary().startswith("fp8 default: 28 of ")
+    assert "4 of" not in chosen.summary() and chosen.summary().startswith("policy default: 28 of ")
     assert json.loads(json.dumps(chosen.to_dict()))["fp8_layers"] == 28
 
 
@@ -163,7 +163,8 @@ def test_fp8_images_are_finite_and_close_to_bf16(tiny, fresh_engine, fp8_on_cpu)
     assert 0 < rel < 0.15, rel  # fp8 rounding: close to bf16, not equal
     assert (out.images - ref.images).abs().mean() < 0.05
     assert pipe.weight_bytes() < bf16_bytes  # fp8 weights are counted at one byte each
-    assert out.report.fp8.startswith("fp8 (fast): fp8 test_all:") and out.report.fp8 in out.report.to_text()
+    assert out.report.fp8.startswith("fp8 (fast): policy test_all:") and out.report.fp8 in out.report.to_text()
+    assert out.report.dtype == "fp8 (fast)" and ref.report.dtype == "bf16"  # what the probe shows
     assert [s.dtype for s in api.loaded()] == ["fp8 (fast)"]
     assert api.find(src(tiny), CPU, torch.bfloat16, EVERYTHING) is pipe and api.find(src(tiny), CPU, torch.bfloat16) is None
     # The same seed twice: the same bits (fp8 quantisation of the activations is deterministic).

@@ -61,11 +61,12 @@ class RunReport:
     @classmethod
     def start(cls, pipe, req) -> "RunReport":
         from ..files.model_files import DTYPE_NAMES
+        from ..sampling.fp8_mode import FP8_CHOICE
 
         return cls(
             device=str(pipe.device),
             device_name=device_stats.device_name(pipe.device),
-            dtype=DTYPE_NAMES[pipe.dtype],
+            dtype=FP8_CHOICE if getattr(pipe, "fp8", None) is not None else DTYPE_NAMES[pipe.dtype],
             fp8=getattr(pipe, "fp8_summary", ""),
             memory_mode=pipe.memory,
             source=pipe.comps.source.describe(),

@@ -159,8 +159,8 @@ class Fp8Plan:
         n = len(self.fp8) + len(self.kept)
         share = self.fp8_weights / self.all_weights if self.all_weights else 0.0
         kept = ", ".join(f"{count} {why}" for why, count in self.kept_by_reason().items())
-        return (f"fp8 {self.policy.name}: {len(self.fp8)} of {n} Linear layers fp8 e4m3 (row scales; {share:.0%} of "
-                f"the Linear weights), bf16: {kept or 'none'}")
+        return (f"policy {self.policy.name}: {len(self.fp8)} of {n} Linear layers in fp8 e4m3 (row scales; {share:.0%} "
+                f"of the Linear weights), bf16: {kept or 'none'}")
 
     def to_dict(self) -> dict:
         return {"policy": self.policy.name, "policy_fields": self.policy.__dict__.copy(), "fp8_layers": len(self.fp8),
