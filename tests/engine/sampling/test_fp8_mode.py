@@ -227,7 +227,10 @@ def test_bf16_and_fp8_loaders_of_the_same_files_take_turns(tiny, fresh_engine, f
     shutil.copytree(tiny["built"].diffusers_dir, folder)
     source = DiffusersFolder(folder)
     first = get_pipeline(source, CPU, torch.bfloat16, "resident", "off")
-    first.generate(REQ, [LoraSpec(tiny["loras"]["diffusers"][0], 0.8)])  # a merged LoRA, to be restored first
+    lora = LoraSpec(tiny["loras"]["diffusers"][0], 0.8)
+    first.generate(REQ, [lora])  # a merged LoRA, to be restored first
+    first.tstate.lora.mode = "adapters"
+    assert first.generate(REQ, [lora]).report.lora_path == "adapters"  # PEFT slots wrap the layers now
     bf16_image = first.generate(REQ).images
     loads = COMPONENTS.loads
     fp8 = get_pipeline(source, CPU, torch.bfloat16, "resident", "off", fp8=EVERYTHING)
@@ -237,6 +240,9 @@ def test_bf16_and_fp8_loaders_of_the_same_files_take_turns(tiny, fresh_engine, f
         first.generate(REQ)  # retired: its weights are fp8 now
     fp8_image = fp8.generate(REQ).images
     assert not torch.equal(fp8_image, bf16_image)
+    styled = fp8.generate(REQ, [lora])  # the slots built in bf16 time now sit beside fp8 layers
+    assert styled.report.lora_path == "adapters" and not torch.equal(styled.images, fp8_image)
+    assert torch.equal(fp8.generate(REQ).images, fp8_image)
     old_weights = weakref.ref(fp8.transformer)
     del first, fp8
     again = get_pipeline(source, CPU, torch.bfloat16, "resident", "off")

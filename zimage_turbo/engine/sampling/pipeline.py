@@ -570,6 +570,9 @@ def _retire(transformer: CachedComponent, held) -> None:
         held.callback(pipe.lock.release)
         del _PIPELINES[k]
         pipe.warmup.cancel()
+        if pipe.warmup.status()["state"] == "compiling":
+            log.info("zimage_turbo: waiting for a background compile of the %s pipeline before its weights change",
+                     "fp8" if pipe.fp8 is not None else "bf16")
         pipe.warmup.wait()  # no background compile may trace weights that are about to change
 
 
