@@ -113,8 +113,11 @@ class LoraManager:
     never having loaded a LoRA.
     """
 
-    def __init__(self, transformer: nn.Module, files: LoraFileCache = LORA_FILES):
+    def __init__(self, transformer: nn.Module, files: LoraFileCache = LORA_FILES, device: torch.device | None = None):
         self.transformer = transformer
+        # Where the LoRA tensors, merges and adapter slots live: the compute device. Not "wherever the base
+        # weights are now": in low_vram they sit in host memory between blocks, and slots built there would
+        # meet the activations on the GPU (seen on the GPU: the first LoRA of a low_vram pipeline).
         self.files = files
         self.modules = linear_modules(transformer)
         # Parsed files are only valid for a model with these exact layers.
@@ -124,6 +127,7 @@ class LoraManager:
         self.linears: dict[str, nn.Linear] = {
             n: getattr(transformer.get_submodule(n), "base_layer", transformer.get_submodule(n)) for n in self.modules
         }
+        self.device = torch.device(device) if device is not None else next(iter(self.linears.values())).weight.device
         self.mode = lora_mode_from_env()
         self.allow_merge = True  # False while the transformer's blocks stream (low_vram), and in fp8 mode
         self.no_merge_why, self.no_merge_advice = STREAMING_WHY, STREAMING_ADVICE  # said while allow_merge is False
@@ -247,13 +251,13 @@ class LoraManager:
         for module, t in parsed.targets.items():
             entry = _OnDevice()
             if t.low_rank is not None:
-                down = t.low_rank.down.to(device=ref.device, dtype=torch.float32, non_blocking=True)
-                up = t.low_rank.up.to(device=ref.device, dtype=torch.float32, non_blocking=True) * t.low_rank.scale
+                down = t.low_rank.down.to(device=self.device, dtype=torch.float32, non_blocking=True)
+                up = t.low_rank.up.to(device=self.device, dtype=torch.float32, non_blocking=True) * t.low_rank.scale
                 entry.down, entry.up = down.to(ref.dtype), up.to(ref.dtype)  # scale folded in: scale = strength
             if t.dense is not None:
-                entry.dense = t.dense.to(ref.device)
+                entry.dense = t.dense.to(self.device)
             if t.bias is not None:
-                entry.bias = t.bias.to(device=ref.device, dtype=torch.float32, non_blocking=True)
+                entry.bias = t.bias.to(device=self.device, dtype=torch.float32, non_blocking=True)
             out[module] = entry
         self.device_copies[name] = out
         while len(self.device_copies) > DEVICE_COPIES:
@@ -283,7 +287,7 @@ class LoraManager:
                      if t.dense is not None), default=0)
         if self.mode == "merge" or need == 0:
             return True
-        free = _free_bytes(next(iter(self.linears.values())).weight.device)
+        free = _free_bytes(self.device)
         if free >= need + MERGE_HEADROOM_BYTES:
             return True
         gib = 1024**3
@@ -436,11 +440,11 @@ class LoraManager:
             for i in range(count):
                 slot = f"slot{i}"
                 for part in (layer.lora_A[slot], layer.lora_B[slot]):
-                    part.to(device=ref.device, dtype=ref.dtype)
+                    part.to(device=self.device, dtype=ref.dtype)
                     part.weight.requires_grad_(False)
                     part.weight.data.zero_()
                 # A tensor, not a float: changing it in place never recompiles a compiled model.
-                layer.scaling[slot] = torch.zeros((), device=ref.device, dtype=torch.float32)
+                layer.scaling[slot] = torch.zeros((), device=self.device, dtype=torch.float32)
             layer.enable_adapters(False)
         self.adapters_enabled = False
         self.slot_files = [None] * count

@@ -111,8 +111,8 @@ class _TextEncoderState:
 
 
 class _TransformerState:
-    def __init__(self, transformer):
-        self.lora = LoraManager(transformer)
+    def __init__(self, transformer, device: torch.device):
+        self.lora = LoraManager(transformer, device=device)
         self.streamer: BlockStreamer | None = None
         self.guards: list = []
 
@@ -140,7 +140,7 @@ class TurboPipeline:
         self.text_encoder = comps.text_encoder.module
         self.vae = comps.vae.module
         self.tokenizer = comps.tokenizer
-        self.tstate: _TransformerState = _state(comps.transformer, lambda: _TransformerState(self.transformer))
+        self.tstate: _TransformerState = _state(comps.transformer, lambda: _TransformerState(self.transformer, device))
         self.testate: _TextEncoderState = _state(comps.text_encoder, _TextEncoderState)
         self.pending_loads: dict[str, float] = dict(comps.fresh_loads)
         self.last_report: RunReport | None = None

@@ -96,15 +96,20 @@ class BlockStreamer:
         self.device = device
         self.wrap = wrap
         self.copy_stream = torch.cuda.Stream(device)
-        self.host: list[dict[str, torch.Tensor]] = []
+        # Held by Parameter object, not by name: LoRA adapter slots injected later wrap a Linear (its weight
+        # becomes "...to_q.base_layer.weight") but keep the same Parameter (seen on the GPU: a low_vram pipeline
+        # whose first LoRA built slots failed with KeyError 'attention.to_q.weight'). Parameters added after
+        # this (the slots' own) are not streamed: they stay where they were made, on the compute device.
+        self.host: list[list[tuple[nn.Parameter, torch.Tensor]]] = []
         self.ready: dict[int, torch.cuda.Event] = {}
         self.handles = []
         for i, block in enumerate(blocks):
-            host = {}
-            for name, p in block.named_parameters():
+            host = []
+            for p in block.parameters():
                 h = p.data if p.data.device.type == "cpu" else p.data.to("cpu")
-                host[name] = h if h.is_pinned() else h.pin_memory()
-                p.data = host[name]
+                h = h if h.is_pinned() else h.pin_memory()
+                p.data = h
+                host.append((p, h))
             self.host.append(host)
             self.handles.append(block.register_forward_pre_hook(self._before(i)))
             self.handles.append(block.register_forward_hook(self._after(i)))
@@ -113,9 +118,8 @@ class BlockStreamer:
         if i in self.ready or i >= len(self.blocks):
             return
         with torch.cuda.stream(self.copy_stream):
-            params = dict(self.blocks[i].named_parameters())
-            for name, h in self.host[i].items():
-                params[name].data = h.to(self.device, non_blocking=True)
+            for p, h in self.host[i]:
+                p.data = h.to(self.device, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
         self.ready[i] = ev
@@ -125,7 +129,7 @@ class BlockStreamer:
             self._prefetch(i)
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(self.ready.pop(i))
-            for p in module.parameters():
+            for p, _ in self.host[i]:
                 p.data.record_stream(compute)  # keep the memory until this stream is done with it
             if i + 1 < len(self.blocks) or self.wrap:
                 self._prefetch((i + 1) % len(self.blocks))
@@ -135,9 +139,8 @@ class BlockStreamer:
 
     def _after(self, i: int):
         def hook(module, args, output):
-            params = dict(module.named_parameters())
-            for name, h in self.host[i].items():
-                params[name].data = h
+            for p, h in self.host[i]:
+                p.data = h
             return None
 
         return hook
@@ -149,10 +152,9 @@ class BlockStreamer:
         self.handles = []
         torch.cuda.synchronize(self.device)
         self.ready.clear()
-        for block, host in zip(self.blocks, self.host):
-            params = dict(block.named_parameters())
-            for name, h in host.items():
-                params[name].data = h.to(self.device) if back_to_device else h
+        for host in self.host:
+            for p, h in host:
+                p.data = h.to(self.device) if back_to_device else h
         self.host = []
 
 
