@@ -19,6 +19,9 @@ RAY_VERSION=2.60.0
 SETS=.whl-ray
 STASH=/tmp/ray-wheels
 SKIP='^(numpy|grpcio|uvloop)-'
+# grpcio stays the machine's own (1.84.0 on 2026-11-22), so grpcio-reflection must be its twin: the newest one asks
+# for grpcio >= its own version and pip refused the install (seen on the two-H200 machine).
+GPU_GRPCIO=1.84.0
 PART_A_BYTES=$((58 * 1024 * 1024))
 
 build() {
@@ -42,6 +45,8 @@ build() {
         [[ "$name" =~ $SKIP ]] && continue
         cp "$f" "$SETS/b/"
     done
+    rm -f "$SETS"/b/grpcio_reflection-*.whl
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$SETS/b" "grpcio-reflection==$GPU_GRPCIO"
     rm -rf "$dl"
     du -sh "$SETS/a" "$SETS/b"
     echo "carry .whl-ray/a in one call and .whl-ray/b in the next (bench/NOTES.md, 'Ray Serve on the GPU machine')"

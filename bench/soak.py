@@ -1086,9 +1086,16 @@ def dump_json(result: dict) -> str:
 
 
 def git_state() -> dict:
-    """The commit the node pack was at, and whether its files differed from it (None outside a git checkout)."""
+    """The commit the node pack was at, and whether its files differed from it (None outside a git checkout).
+
+    A clean export (`git archive`, as the GPU runs use: bench/NOTES.md) has no .git of its own, and git would
+    answer for whatever checkout holds the folder; its .commit file, written when it was made, names it.
+    """
     import subprocess
 
+    stamp = REPO / ".commit"
+    if stamp.is_file() and not (REPO / ".git").exists():
+        return {"commit": stamp.read_text().strip(), "modified_files": [], "source": "git archive of that commit"}
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
