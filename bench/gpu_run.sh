@@ -51,7 +51,8 @@ free -g >> $OUT/nvidia_smi.csv
 for what in "$@"; do
     case "$what" in
         tests)
-            ZIMAGE_FULL_ROOT=$ROOT python3 -m pytest tests/gpu -m gpu -p no:cacheprovider -q -rA 2>&1 \
+            # Every test marked gpu, wherever it lives (tests/gpu and the GPU cases of the engine tests: LoRA layouts).
+            ZIMAGE_FULL_ROOT=$ROOT python3 -m pytest tests/gpu tests/engine -m gpu -p no:cacheprovider -q -rA 2>&1 \
                 | tee $OUT/gpu_tests.log | grep -E "passed|failed|PASSED|FAILED|ERROR|Error" | tail -25
             ;;
         check)
