@@ -12,12 +12,13 @@ so a run cut off at the command's time limit keeps what it measured:
   fp8         the same in fp8 (fast): conversion and compile time, the same figures, the offload_text_encoder peak,
               and fp8 vs bf16 on the same prompts and seeds: latent relative error, PSNR and SSIM of the decoded
               images (torchmetrics; nothing that downloads weights)
-  fp8_lora    LoRAs in fp8 mode: apply/switch time, ms/step with a LoRA on, all-off bit-identical; and what folding
-              (dequantise + merge + re-quantise every targeted weight) would cost per switch instead
-  sizes_fp8, sizes_bf16, sizes_comfyui, sizes_diffusers
-              end to end, ms/step, VAE and peak at 512² .. 2048² and batch 1/2/4 at 1024², per system (ComfyUI's
-              native graph in process, bench/comfy_inprocess.py; diffusers' ZImagePipeline, eager); each system
-              alone on the GPU while it is measured
+  sizes_fp8   end to end, ms/step, VAE and peak at 512² .. 2048² and batch 1/2/4 at 1024² (and likewise below)
+  fp8_lora    LoRAs in fp8 mode: apply/switch time (bf16's merged switch is measured in the bf16 section), ms/step
+              with a LoRA on, all-off bit-identical; and what folding (dequantise + merge + re-quantise every
+              targeted weight) would cost per switch instead
+  sizes_bf16, sizes_comfyui, sizes_diffusers
+              the same curve for bf16, ComfyUI's native graph in process (bench/comfy_inprocess.py) and diffusers'
+              ZImagePipeline (eager); each system alone on the GPU while it is measured
 Top-level keys: e2e_s, step_ms, vae_ms, peak_gib (bf16), fp8_e2e_s, fp8_step_ms, fp8_vae_ms, fp8_peak_gib,
 fp8_offload_peak_gib, fp8_compile_s, fp8_psnr_db, fp8_ssim, fp8_latent_rel_err, sizes (one entry per size, batch and
 system), plus the analytic share of attention in each step's FLOPs.
@@ -70,7 +71,7 @@ QUALITY_PROMPTS = (
 )
 QUALITY_SEEDS = (11, 12)
 QUICK_NOTE = "TINY random model on the CPU: a smoke run of the harness, not a benchmark"
-SECTIONS = ("env", "bf16", "fp8", "fp8_lora", "sizes_fp8", "sizes_bf16", "sizes_comfyui", "sizes_diffusers")
+SECTIONS = ("env", "bf16", "fp8", "sizes_fp8", "fp8_lora", "sizes_bf16", "sizes_comfyui", "sizes_diffusers")
 RANDOM_NOTE = ("RANDOM weights (bench/build_model.py): quality figures measure how far fp8 moves a random network, "
                "not how real images look; run --quality-only on the real weights for those")
 
@@ -383,6 +384,8 @@ class Fp8Cost:
         out["at_size"] = self.measure()
         self.refs = self.quality_images(self.quality_prompts, self.quality_seeds, self.size)
         out["quality_refs"] = len(self.refs["images"])
+        out["lora"] = self.lora_switches()
+        self.res["bf16_lora_switch_ms"] = out["lora"].get("switch_file_ms")
         r = out["at_size"]
         self.res.update(e2e_s=r["e2e_s"], step_ms=r["step_ms"], vae_ms=r["vae_ms"], peak_gib=r["peak_gib"],
                         bf16_compile_s=out["first_call"]["compile_s"])
@@ -438,12 +441,9 @@ class Fp8Cost:
             return {"refused": self.res["fp8_refused"]}
         if self.pipe is None or self.pipe.fp8 is None:
             self.pipeline(fp8=self.policy)
-        folder = Path(self.args.root) / "loras"
-        preferred = [folder / n for n in ("style_a_r32.safetensors", "style_b_r32.safetensors",
-                                          "tiny_diffusers.safetensors", "tiny_kohya_fused.safetensors")]
-        files = [p for p in preferred if p.is_file()] or sorted(folder.glob("*.safetensors"))
+        files = self.lora_files()
         if len(files) < 2:
-            return {"skipped": f"fewer than two LoRA files in {folder}"}
+            return {"skipped": "fewer than two LoRA files under the root's loras/"}
         a, b = files[0], files[1]
         pipe = self.pipe
         before = {n: (q.clone(), s.clone()) for n, (q, s) in fp8_mode.fp8_state(pipe.transformer).items()}
@@ -475,6 +475,33 @@ class Fp8Cost:
         self.res.update(fp8_lora_switch_ms=out["switch_file_ms"], fp8_lora_step_ms=out["step_ms_lora_on"],
                         fold_requant_ms=out["fold_requant"].get("ms"))
         return out
+
+    def lora_files(self) -> list[Path]:
+        folder = Path(self.args.root) / "loras"
+        preferred = [folder / n for n in ("style_a_r32.safetensors", "style_b_r32.safetensors",
+                                          "tiny_diffusers.safetensors", "tiny_kohya_fused.safetensors")]
+        return [p for p in preferred if p.is_file()] or sorted(folder.glob("*.safetensors"))
+
+    def lora_switches(self) -> dict:
+        """bf16 for comparison: a strength change and a switch of file (merged: no recompile), then all off."""
+        from zimage_turbo.engine.lora import LoraSpec
+
+        files = self.lora_files()
+        if len(files) < 2:
+            return {"skipped": "fewer than two LoRA files under the root's loras/"}
+        a, b = files[0], files[1]
+        self.timed_generate(self.request(), [LoraSpec(a, 0.8)])  # read, on the device, merged once
+        strength, switch, steps_on = [], [], []
+        for i in range(max(2, self.runs)):
+            _, r = self.timed_generate(self.request(), [LoraSpec(a, 0.5 + 0.1 * i)])
+            strength.append(r.report.lora_s)
+            steps_on += r.report.step_s
+            _, r = self.timed_generate(self.request(), [LoraSpec(b if i % 2 == 0 else a, 0.8)])
+            switch.append(r.report.lora_s)
+        _, r = self.timed_generate(self.request(), [])
+        return {"path": r.report.lora_path or "merged", "strength_change_ms": median(strength) * 1000,
+                "switch_file_ms": median(switch) * 1000, "step_ms_lora_on": median(steps_on) * 1000,
+                "all_off_ms": r.report.lora_s * 1000}
 
     def size_entry(self, system: str, size: int, batch: int, r: dict) -> dict:
         return {"system": system, "width": size, "height": size, "batch": batch, "e2e_s": r.get("e2e_s"),
@@ -615,8 +642,8 @@ class Fp8Cost:
         self.section("env", self.s_env)
         self.section("bf16", self.s_bf16)
         self.section("fp8", self.s_fp8)
-        self.section("fp8_lora", self.s_fp8_lora)
         self.section("sizes_fp8", lambda: self.s_sizes_ours(True))
+        self.section("fp8_lora", self.s_fp8_lora)  # its first LoRA compiles the adapter variant: after the curve
         self.section("sizes_bf16", lambda: self.s_sizes_ours(False))
         self.section("sizes_comfyui", self.s_sizes_comfyui)
         self.section("sizes_diffusers", self.s_sizes_diffusers)
@@ -764,7 +791,9 @@ def render(res: dict) -> str:
         lines += ["## LoRAs in fp8 mode (bf16 beside the fp8 product)", "",
                   f"- path: {lo.get('path')} ({lo.get('why')})",
                   f"- strength change {_f(lo.get('strength_change_ms'), '{:.1f} ms')}, other file "
-                  f"{_f(lo.get('switch_file_ms'), '{:.1f} ms')}, first apply {_f(lo.get('first_apply_s'), '{:.2f} s')}",
+                  f"{_f(lo.get('switch_file_ms'), '{:.1f} ms')} (bf16, merged: "
+                  f"{_f(res.get('bf16_lora_switch_ms'), '{:.1f} ms')}), first apply "
+                  f"{_f(lo.get('first_apply_s'), '{:.2f} s')}",
                   f"- per step: LoRA on {_f(lo.get('step_ms_lora_on'), '{:.1f} ms')}, off "
                   f"{_f(lo.get('step_ms_lora_off'), '{:.1f} ms')}",
                   f"- all off: image bit-identical {lo.get('all_off_image_bit_identical')}, fp8 weights bit-identical "
