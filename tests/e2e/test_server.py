@@ -188,6 +188,31 @@ def test_a_missing_vae_is_reported_once_under_vae(comfy):
     assert "no_such_vae.safetensors" in errors[0]["details"]
 
 
+def test_the_loader_lists_leave_out_other_models_and_a_prompt_naming_one_is_refused(comfy):
+    loader = comfy.client.object_info()["ZImageTurboLoader"]["input"]["required"]
+    assert MODEL in loader["model"][0] and "flux1-dev.safetensors" not in loader["model"][0]
+    assert "sdxl_vae.safetensors" not in loader["vae"][0] and "ae.safetensors" in loader["vae"][0]
+    assert "a_lora_in_the_wrong_folder.safetensors" not in loader["text_encoder"][0]
+    # Files that cannot be told from their header stay listed: choosing one gets the loader's exact refusal.
+    assert "corrupt.safetensors" in loader["model"][0]
+
+    graph = api_prompt(seed=17)
+    graph["1"]["inputs"]["model"] = "flux1-dev.safetensors"
+    status, body = comfy.client.queue(graph, "validation-test")
+    assert status == 400
+    errors = body["node_errors"]["1"]["errors"]
+    assert "flux1-dev.safetensors is a Flux diffusion model, not a Z-Image diffusion model" in errors[0]["details"]
+    assert "python -m zimage_turbo check" in errors[0]["details"]
+    assert str(comfy.base_dir) not in json.dumps(body)
+
+    graph = api_prompt(seed=17)
+    graph["1"]["inputs"]["vae"] = "sdxl_vae.safetensors"
+    status, body = comfy.client.queue(graph, "validation-test")
+    assert status == 400
+    assert [e["extra_info"]["input_name"] for e in body["node_errors"]["1"]["errors"]] == ["vae"]
+    ok(comfy, api_prompt(seed=18))
+
+
 def test_a_lora_linked_from_another_disk_is_used(comfy):
     linked = ok(comfy, api_prompt(seed=16, loras=[{"lora": "linked_style.safetensors", "strength": 0.8, "on": True}]))
     direct = ok(comfy, api_prompt(seed=16, loras=[{"lora": "tiny_kohya_fused.safetensors", "strength": 0.8, "on": True}]))

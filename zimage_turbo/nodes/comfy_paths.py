@@ -15,12 +15,18 @@ from pathlib import Path
 
 import folder_paths
 
-from ..engine.api import ModelFileError
+from ..engine.api import ModelFileError, foreign_to_slot
 
 DIFFUSERS_PREFIX = "[diffusers] "
 NONE_FOUND = "(none found)"
 # Pickle checkpoints are listed so that choosing one gets a clear refusal, not a silent absence.
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+# The loader slot each folder feeds. Folders are shared with other models (Flux, SDXL, CLIP, T5, LoRAs put in the
+# wrong place): the loader's lists leave out files whose header shows they are something else, so nobody picks a
+# Flux or SDXL VAE-sized file by mistake. Hidden, not marked: a combo value is the file name itself, and a renamed
+# entry would break saved workflows. A prompt that still names such a file is refused with the reason
+# (the model input by our validation, text encoder and VAE by ComfyUI's "not in list").
+FOLDER_SLOTS = {"diffusion_models": "transformer", "text_encoders": "text_encoder", "vae": "vae"}
 
 
 def _within(root: str, candidate: str) -> bool:
@@ -30,7 +36,22 @@ def _within(root: str, candidate: str) -> bool:
 
 def list_files(folder: str) -> list[str]:
     names = [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(MODEL_SUFFIXES)]
+    slot = FOLDER_SLOTS.get(folder)
+    if slot is not None:
+        names = [n for n in names if foreign_reason(folder, n) is None]
     return sorted(names) or [NONE_FOUND]
+
+
+def foreign_reason(folder: str, name: str) -> str | None:
+    """Why `name` in `folder` is not a Z-Image part for its loader slot (None: it is one, or cannot be told)."""
+    slot = FOLDER_SLOTS.get(folder)
+    if slot is None:
+        return None
+    try:
+        path = resolve_file(folder, name)
+    except ModelFileError:  # not there: the caller's own check says so
+        return None
+    return foreign_to_slot(path, slot)
 
 
 def list_diffusers_folders() -> list[str]:

@@ -29,16 +29,20 @@ class ZImageTurboLoader:
                     "default": "z_image_turbo_bf16.safetensors",
                     "tooltip": "The diffusion model: a file in models/diffusion_models (ComfyUI's split files, e.g. "
                                "z_image_turbo_bf16.safetensors) or a '[diffusers]' folder in models/diffusers, which "
-                               "brings its own text encoder and VAE. Only .safetensors files are loaded.",
+                               "brings its own text encoder and VAE. Only .safetensors files are loaded. Files that "
+                               "are other models (Flux, SDXL, a LoRA...) are left out of this list.",
                 }),
                 "text_encoder": (comfy_paths.list_files("text_encoders"), {
                     "default": "qwen_3_4b.safetensors",
                     "tooltip": "Qwen3-4B text encoder in models/text_encoders (qwen_3_4b.safetensors). Ignored when "
-                               "the model is a diffusers folder.",
+                               "the model is a diffusers folder. CLIP/T5 encoders and other files that are not a "
+                               "Z-Image text encoder are left out of this list.",
                 }),
                 "vae": (comfy_paths.list_files("vae"), {
                     "default": "ae.safetensors",
-                    "tooltip": "The Flux VAE in models/vae (ae.safetensors). Ignored when the model is a diffusers folder.",
+                    "tooltip": "The Flux VAE in models/vae (ae.safetensors). Ignored when the model is a diffusers folder. "
+                               "Stable Diffusion's 4-channel VAEs and other files that are not a Z-Image VAE are "
+                               "left out of this list.",
                 }),
                 "dtype": (list(PRECISION_CHOICES), {
                     "default": "auto",
@@ -87,6 +91,11 @@ class ZImageTurboLoader:
             _model_source_name(model)
         except ZImageError as exc:
             return str(exc)
+        if model and not model.startswith(comfy_paths.DIFFUSERS_PREFIX):
+            why = comfy_paths.foreign_reason("diffusion_models", model)
+            if why:  # a Flux/SDXL model, a LoRA, a VAE... in models/diffusion_models: left out of the list too
+                return (f"{why} Choose a Z-Image-Turbo diffusion model (e.g. z_image_turbo_bf16.safetensors); "
+                        "`python -m zimage_turbo check FILE` in this node pack's folder says what a file is.")
         return True
 
     def load(self, model, text_encoder, vae, dtype, device, memory, compile="auto"):
