@@ -352,17 +352,26 @@ def _in_diffusers_folder(path: Path) -> Path | None:
 # ------------------------------------------------------------ classification
 
 
+# Every key that _split_key or unsupported_kind recognises contains one of these. Testing them once on all
+# the names (joined) lets a model file with hundreds of tensors skip the key-by-key LoRA test: the loader's file
+# lists classify every file of three model folders.
+_MAYBE_ADAPTER_KEY = re.compile(r"lora|lokr_|hada_|\.alpha$|\.diff(_b)?$|dora_scale|oft_|w_norm|b_norm", re.M)
+
+
 def _classify(names: list[str]) -> str:
-    for n in names:
-        split = _split_key(n)
-        if (split is not None and split[1] != "alpha") or unsupported_kind(n):
-            return "lora"
+    if _MAYBE_ADAPTER_KEY.search("\n".join(names)):
+        for n in names:
+            split = _split_key(n)
+            if (split is not None and split[1] != "alpha") or unsupported_kind(n):
+                return "lora"
     stripped = [key_maps.strip_transformer_prefix(n) for n in names]
-    if any(re.match(r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention|feed_forward)\.", s)
-           or s.startswith(("cap_embedder.", "all_x_embedder.", "t_embedder.")) for s in stripped):
+    if any(re.match(r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention|feed_forward)\.", s) for s in stripped):
         return "transformer"
     if any(fragment in n for n in names for fragment, _ in _FOREIGN_HINTS):
         return "unknown"
+    # Embedders alone (a shard, a cut file) after the hints: SD3's and other DiTs' files have a t_embedder too.
+    if any(s.startswith(("cap_embedder.", "all_x_embedder.", "t_embedder.")) for s in stripped):
+        return "transformer"
     if any(re.match(r"^(model\.)?(embed_tokens\.|layers\.\d+\.self_attn\.)", n) for n in names):
         return "text_encoder"
     if any(n.startswith(("text_model.", "encoder.block.")) or ".text_model." in n for n in names):
