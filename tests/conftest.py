@@ -84,10 +84,12 @@ def comfy(tiny, tmp_path_factory):
     shutil.copy(tiny["loras"]["kohya_fused"][0], elsewhere / "kept_elsewhere.safetensors")
     (loras / "linked_style.safetensors").symlink_to(elsewhere / "kept_elsewhere.safetensors")
     # Other models sharing the folders (the loader's lists leave them out): a Flux-keyed file, an SDXL-sized VAE,
-    # a LoRA put among the text encoders.
+    # a CLIP text encoder and a LoRA put among the text encoders.
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(8, 4)}, str(models / "diffusion_models" / "flux1-dev.safetensors"))
     save_file({"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3), "decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)},
               str(models / "vae" / "sdxl_vae.safetensors"))
+    save_file({"text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4)},
+              str(models / "text_encoders" / "clip_l.safetensors"))
     shutil.copy(tiny["loras"]["diffusers"][0], models / "text_encoders" / "a_lora_in_the_wrong_folder.safetensors")
     broken = models / "diffusers" / "broken_folder"
     shutil.copytree(built.diffusers_dir, broken)

@@ -188,29 +188,54 @@ def test_a_missing_vae_is_reported_once_under_vae(comfy):
     assert "no_such_vae.safetensors" in errors[0]["details"]
 
 
-def test_the_loader_lists_leave_out_other_models_and_a_prompt_naming_one_is_refused(comfy):
+def test_the_loader_lists_show_parts_first_and_leave_out_other_models(comfy):
     loader = comfy.client.object_info()["ZImageTurboLoader"]["input"]["required"]
-    assert MODEL in loader["model"][0] and "flux1-dev.safetensors" not in loader["model"][0]
-    assert "sdxl_vae.safetensors" not in loader["vae"][0] and "ae.safetensors" in loader["vae"][0]
-    assert "a_lora_in_the_wrong_folder.safetensors" not in loader["text_encoder"][0]
-    # Files that cannot be told from their header stay listed: choosing one gets the loader's exact refusal.
-    assert "corrupt.safetensors" in loader["model"][0]
+    models, encoders, vaes = loader["model"][0], loader["text_encoder"][0], loader["vae"][0]
+    # Z-Image parts first, then the diffusers folders, then files whose header cannot tell (the loader's exact
+    # refusal comes when one is chosen); other models are left out.
+    assert models == [MODEL, "[diffusers] broken_folder", "[diffusers] zit_tiny", "corrupt.safetensors",
+                      "pickled_model.ckpt"]
+    assert encoders == ["qwen_3_4b.safetensors"]  # not clip_l.safetensors, not a_lora_in_the_wrong_folder
+    assert vaes == ["ae.safetensors"]  # not sdxl_vae.safetensors
+    for name in ("model", "text_encoder", "vae"):
+        assert "left out" in loader[name][1]["tooltip"]
 
+
+def test_a_prompt_naming_a_left_out_model_is_refused_when_queued_with_the_reason(comfy):
     graph = api_prompt(seed=17)
     graph["1"]["inputs"]["model"] = "flux1-dev.safetensors"
     status, body = comfy.client.queue(graph, "validation-test")
     assert status == 400
     errors = body["node_errors"]["1"]["errors"]
-    assert "flux1-dev.safetensors is a Flux diffusion model, not a Z-Image diffusion model" in errors[0]["details"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["model"]
+    assert ("flux1-dev.safetensors is a Flux diffusion model, not a Z-Image diffusion model: choose a Z-Image-Turbo "
+            "diffusion model (z_image_turbo_bf16.safetensors).") in errors[0]["details"]
     assert "python -m zimage_turbo check" in errors[0]["details"]
     assert str(comfy.base_dir) not in json.dumps(body)
-
-    graph = api_prompt(seed=17)
-    graph["1"]["inputs"]["vae"] = "sdxl_vae.safetensors"
-    status, body = comfy.client.queue(graph, "validation-test")
-    assert status == 400
-    assert [e["extra_info"]["input_name"] for e in body["node_errors"]["1"]["errors"]] == ["vae"]
     ok(comfy, api_prompt(seed=18))
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("text_encoder", "clip_l.safetensors",
+     "clip_l.safetensors is a CLIP text encoder, not the Qwen3-4B text encoder Z-Image uses: choose qwen_3_4b"),
+    ("text_encoder", "a_lora_in_the_wrong_folder.safetensors",
+     "a_lora_in_the_wrong_folder.safetensors is a LoRA (it belongs in models/loras"),
+    ("vae", "sdxl_vae.safetensors", "sdxl_vae.safetensors is a 4-channel VAE (Stable Diffusion 1.x/2.x/SDXL's), not "
+                                    "the 16-channel Flux VAE Z-Image uses: choose ae.safetensors."),
+])
+def test_a_prompt_naming_a_left_out_text_encoder_or_vae_gets_the_reason_not_value_not_in_list(comfy, name, value,
+                                                                                               message):
+    """ComfyUI's own list check would only say "value not in list"; the loader refuses the file with the reason
+    before anything loads, and the server goes on."""
+    graph = api_prompt(seed=19)
+    graph["1"]["inputs"][name] = value
+    res = comfy.client.run(graph, timeout=300)
+    assert res.status == "error" and res.error["node_type"] == "ZImageTurboLoader"
+    assert message in res.error["exception_message"]
+    assert "left out of the loader's" in res.error["exception_message"]
+    shown = json.dumps({k: res.error.get(k) for k in ("exception_message", "current_inputs", "current_outputs")})
+    assert str(comfy.base_dir) not in shown and "/tmp/" not in shown
+    ok(comfy, api_prompt(seed=20))
 
 
 def test_a_lora_linked_from_another_disk_is_used(comfy):

@@ -27,7 +27,7 @@ from .errors import (
     ZImageError,
 )
 from .files import image_files
-from .files.check import foreign_to_slot
+from .files.part_lists import SlotVerdict, slot_verdict
 from .files.model_files import (
     DTYPE_NAMES,
     DiffusersFolder,
@@ -63,7 +63,7 @@ __all__ = [
     "Fp8UnsupportedError", "resolve_precision", "precision_name", "DiffusersFolder", "GenerationRequest", "GenerationResult",
     "InvalidSettingError", "LoraKeyError", "LoraSpec", "ModelFileError", "ModelSource", "NonFiniteError",
     "OutOfMemoryError", "PipelineStatus", "RunReport", "SplitFiles", "TurboPipeline", "ZImageError",
-    "check_strength", "combine_stack", "find_loaded", "foreign_to_slot", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "prepare_imports", "loaded", "release", "release_all", "resolve_device",
+    "check_strength", "combine_stack", "find_loaded", "slot_verdict", "SlotVerdict", "configure_compile_cache", "image_files", "nvml_snapshot", "find", "load", "prepare_imports", "loaded", "release", "release_all", "resolve_device",
     "resolve_dtype",
     # LoRA stacks: ComfyUI's common LORA_STACK type in and out, trigger words
     "TriggerWords", "common_stack_of", "common_stack_rows", "prompt_with_trigger_words", "read_trigger_words",

@@ -15,18 +15,44 @@ from pathlib import Path
 
 import folder_paths
 
-from ..engine.api import ModelFileError, foreign_to_slot
+from ..engine.api import ModelFileError, slot_verdict
 
 DIFFUSERS_PREFIX = "[diffusers] "
 NONE_FOUND = "(none found)"
 # Pickle checkpoints are listed so that choosing one gets a clear refusal, not a silent absence.
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
-# The loader slot each folder feeds. Folders are shared with other models (Flux, SDXL, CLIP, T5, LoRAs put in the
-# wrong place): the loader's lists leave out files whose header shows they are something else, so nobody picks a
-# Flux or SDXL VAE-sized file by mistake. Hidden, not marked: a combo value is the file name itself, and a renamed
-# entry would break saved workflows. A prompt that still names such a file is refused with the reason
-# (the model input by our validation, text encoder and VAE by ComfyUI's "not in list").
+# The loader input ("slot") each folder feeds. ComfyUI's model folders are shared with every other model (Flux, SDXL,
+# Wan, CLIP, T5, LoRAs put in the wrong folder): a long list where few files can work invites the wrong pick, and a
+# wrong text encoder or VAE would only fail after the model had loaded. So each list shows the Z-Image
+# parts first (their safetensors header says so; engine/files/part_lists.py), then the files whose header cannot
+# tell (a pickle, a cut download, an unknown layout: choosing one gets the loader's exact refusal), and leaves out
+# the files whose header shows they are something else.
+# Left out rather than marked: a combo's value *is* the file name that saved workflows and API prompts carry, and
+# ComfyUI has no label apart from the value, so a marked entry ("sdxl_vae.safetensors (not Z-Image)") would be a
+# different value. A prompt that names a left-out file gets the reason instead of ComfyUI's "value not in list":
+# for the model when it is queued (the loader's VALIDATE_INPUTS), for the text encoder and VAE when the loader
+# runs (their lists accept the names they leave out: FileChoices).
 FOLDER_SLOTS = {"diffusion_models": "transformer", "text_encoders": "text_encoder", "vae": "vae"}
+CHECK_HINT = "`python -m zimage_turbo check FILE` (run in this node pack's folder) says what any file is."
+
+
+class FileChoices(list):
+    """A loader file list that also accepts the names it leaves out.
+
+    ComfyUI 0.3.75 checks a combo value as `value not in options` (execution.py, validate_inputs) unless the node's
+    VALIDATE_INPUTS takes that input; taking text_encoder and vae there would file each of its messages under all
+    three inputs (ComfyUI repeats a message once per input the function takes: a missing model would be reported
+    under the VAE too). So this list answers `in` for a left-out file as well, and the loader refuses that file with
+    the reason when it runs. /object_info sends only the list's items (JSON sees a plain list). Should a later
+    ComfyUI test membership some other way, a left-out name gets ComfyUI's plain "value not in list" instead.
+    """
+
+    def __init__(self, shown, left_out=()):
+        super().__init__(shown)
+        self.left_out = frozenset(left_out)
+
+    def __contains__(self, value) -> bool:
+        return list.__contains__(self, value) or (isinstance(value, str) and value in self.left_out)
 
 
 def _within(root: str, candidate: str) -> bool:
@@ -34,24 +60,58 @@ def _within(root: str, candidate: str) -> bool:
     return os.path.commonpath([root, os.path.abspath(candidate)]) == root
 
 
+def _model_files(folder: str) -> list[str]:
+    return sorted(n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(MODEL_SUFFIXES))
+
+
 def list_files(folder: str) -> list[str]:
-    names = [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(MODEL_SUFFIXES)]
-    slot = FOLDER_SLOTS.get(folder)
-    if slot is not None:
-        names = [n for n in names if foreign_reason(folder, n) is None]
-    return sorted(names) or [NONE_FOUND]
+    names = _model_files(folder)
+    if folder not in FOLDER_SLOTS:
+        return names or [NONE_FOUND]
+    parts, unknown, left_out = _by_verdict(folder, names)
+    return FileChoices(parts + unknown or [NONE_FOUND], left_out)
 
 
-def foreign_reason(folder: str, name: str) -> str | None:
-    """Why `name` in `folder` is not a Z-Image part for its loader slot (None: it is one, or cannot be told)."""
-    slot = FOLDER_SLOTS.get(folder)
-    if slot is None:
-        return None
+def _by_verdict(folder: str, names: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """`names` split into (Z-Image parts, cannot tell, left out) for the folder's loader slot, each in order."""
+    parts, unknown, left_out = [], [], []
+    for name in names:
+        verdict = _verdict(folder, name)
+        if verdict is None or not verdict.listed:
+            (unknown if verdict is None else left_out).append(name)
+        else:
+            (parts if verdict.is_part else unknown).append(name)
+    return parts, unknown, left_out
+
+
+def _verdict(folder: str, name: str):
+    """The engine's SlotVerdict for a file of `folder`; None when it is not there (the loader's own check says so)."""
     try:
         path = resolve_file(folder, name)
-    except ModelFileError:  # not there: the caller's own check says so
+    except ModelFileError:
         return None
-    return foreign_to_slot(path, slot)
+    return slot_verdict(path, FOLDER_SLOTS[folder])
+
+
+def refusal(folder: str, name: str) -> str | None:
+    """Why the file `name`, chosen for the loader input fed by `folder`, is not a Z-Image part (None: it is one, or
+    its header cannot tell). Names the file as the user did, never by its path on the server."""
+    if folder not in FOLDER_SLOTS or not name or name == NONE_FOUND:
+        return None
+    verdict = _verdict(folder, name)
+    if verdict is None or verdict.listed:
+        return None
+    label = folder.replace("_", " ")
+    return f"{verdict.reason(name)} It is left out of the loader's {label} list. {CHECK_HINT}"
+
+
+def resolve_part(folder: str, name: str) -> Path:
+    """resolve_file for a loader input: also refuses a file whose header shows it is not a Z-Image part."""
+    path = resolve_file(folder, name)
+    why = refusal(folder, name)
+    if why:
+        raise ModelFileError(why)
+    return path
 
 
 def list_diffusers_folders() -> list[str]:
@@ -66,8 +126,10 @@ def list_diffusers_folders() -> list[str]:
 
 
 def model_choices() -> list[str]:
-    files = [n for n in list_files("diffusion_models") if n != NONE_FOUND]
-    return (files + list_diffusers_folders()) or [NONE_FOUND]
+    """Z-Image diffusion model files, then the diffusers folders, then the files whose header cannot tell. A plain
+    list: the loader's VALIDATE_INPUTS checks the model itself (and names a left-out file's reason)."""
+    parts, unknown, _ = _by_verdict("diffusion_models", _model_files("diffusion_models"))
+    return (parts + list_diffusers_folders() + unknown) or [NONE_FOUND]
 
 
 def folder_roots(folder: str) -> list[str]:

@@ -29,20 +29,24 @@ class ZImageTurboLoader:
                     "default": "z_image_turbo_bf16.safetensors",
                     "tooltip": "The diffusion model: a file in models/diffusion_models (ComfyUI's split files, e.g. "
                                "z_image_turbo_bf16.safetensors) or a '[diffusers]' folder in models/diffusers, which "
-                               "brings its own text encoder and VAE. Only .safetensors files are loaded. Files that "
-                               "are other models (Flux, SDXL, a LoRA...) are left out of this list.",
+                               "brings its own text encoder and VAE. Only .safetensors files are loaded. Listed: "
+                               "Z-Image models first, then the diffusers folders, then files whose header cannot tell. "
+                               "Files that are other models (Flux, SD3, SDXL, a LoRA...) are left out; a prompt naming "
+                               "one is refused with the reason.",
                 }),
                 "text_encoder": (comfy_paths.list_files("text_encoders"), {
                     "default": "qwen_3_4b.safetensors",
                     "tooltip": "Qwen3-4B text encoder in models/text_encoders (qwen_3_4b.safetensors). Ignored when "
-                               "the model is a diffusers folder. CLIP/T5 encoders and other files that are not a "
-                               "Z-Image text encoder are left out of this list.",
+                               "the model is a diffusers folder. Listed: Qwen3 text encoders first, then files whose "
+                               "header cannot tell. CLIP, T5, Gemma, Llama-style encoders and other files that are not "
+                               "a Z-Image text encoder are left out; a prompt naming one is refused with the reason.",
                 }),
                 "vae": (comfy_paths.list_files("vae"), {
                     "default": "ae.safetensors",
                     "tooltip": "The Flux VAE in models/vae (ae.safetensors). Ignored when the model is a diffusers folder. "
-                               "Stable Diffusion's 4-channel VAEs and other files that are not a Z-Image VAE are "
-                               "left out of this list.",
+                               "Listed: 16-channel VAEs first, then files whose header cannot tell. Stable Diffusion's "
+                               "4-channel VAEs, video VAEs and other files that are not a Z-Image VAE are left out; a "
+                               "prompt naming one is refused with the reason.",
                 }),
                 "dtype": (list(PRECISION_CHOICES), {
                     "default": "auto",
@@ -91,11 +95,12 @@ class ZImageTurboLoader:
             _model_source_name(model)
         except ZImageError as exc:
             return str(exc)
-        if model and not model.startswith(comfy_paths.DIFFUSERS_PREFIX):
-            why = comfy_paths.foreign_reason("diffusion_models", model)
-            if why:  # a Flux/SDXL model, a LoRA, a VAE... in models/diffusion_models: left out of the list too
-                return (f"{why} Choose a Z-Image-Turbo diffusion model (e.g. z_image_turbo_bf16.safetensors); "
-                        "`python -m zimage_turbo check FILE` in this node pack's folder says what a file is.")
+        if not model.startswith(comfy_paths.DIFFUSERS_PREFIX):
+            # A Flux/SD3 model, a LoRA, a VAE... in models/diffusion_models: left out of the list, refused here with
+            # the reason (the text encoder and VAE are refused the same way when the loader runs: see comfy_paths).
+            why = comfy_paths.refusal("diffusion_models", model)
+            if why:
+                return why
         return True
 
     def load(self, model, text_encoder, vae, dtype, device, memory, compile="auto"):
@@ -126,8 +131,8 @@ def _source(model, text_encoder, vae):
     if model and model.startswith(comfy_paths.DIFFUSERS_PREFIX):
         return DiffusersFolder(comfy_paths.resolve_diffusers_folder(model))
     return SplitFiles(
-        comfy_paths.resolve_file("diffusion_models", model),
-        comfy_paths.resolve_file("text_encoders", text_encoder),
-        comfy_paths.resolve_file("vae", vae),
+        comfy_paths.resolve_part("diffusion_models", model),
+        comfy_paths.resolve_part("text_encoders", text_encoder),
+        comfy_paths.resolve_part("vae", vae),
         comfy_paths.qwen_tokenizer_dir(),
     )

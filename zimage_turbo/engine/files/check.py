@@ -39,7 +39,7 @@ from ..lora.lora_files import (
     unsupported_kind,
 )
 from ..lora.trigger_words import read_trigger_words
-from ..model_config import LATENT_CHANNELS, TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG
+from ..model_config import TEXT_ENCODER_CONFIG, TRANSFORMER_CONFIG
 from . import key_maps, quantized
 from .model_files import (
     text_encoder_config_from_weights,
@@ -711,68 +711,6 @@ def _unknown_details(names: list[str]) -> list[str]:
         if any(fragment in n for n in names):
             return [f"looks like {what}, not a Z-Image file"]
     return [f"{len(names)} tensors, e.g. {', '.join(names[:3])}"] if names else ["no tensors"]
-
-
-# ------------------------------------------------------- which files a loader slot lists
-
-SLOTS = ("transformer", "text_encoder", "vae")
-_SLOT_WORDS = {"transformer": "diffusion model", "text_encoder": "text encoder (Qwen3 4B)", "vae": "VAE"}
-_KIND_WORDS = {"transformer": "a Z-Image diffusion model", "text_encoder": "a text encoder", "vae": "a VAE",
-               "lora": "a LoRA (it belongs in models/loras)"}
-# (path, size, mtime_ns, slot) -> reason or None. ComfyUI asks for the node lists on every /object_info, so a
-# folder of hundreds of files is read once; a file that changes gets a new key.
-_SLOT_CACHE: dict[tuple, str | None] = {}
-
-
-def foreign_to_slot(path, slot: str) -> str | None:
-    """Why a file in a model folder is not a Z-Image part for the loader's `slot`, or None.
-
-    None also for every file that cannot be told from its safetensors header (pickles, GGUF, corrupt or
-    unknown files): the loader lists those and says exactly what is wrong if one is chosen. Only files that
-    read fine and are recognisably something else get a reason: a LoRA, another slot's part, another model
-    family's file (Flux, SD3, SD 1.x/SDXL), a CLIP or T5 text encoder, a 4-channel Stable Diffusion VAE.
-    Reads the header only (no tensor data), cached by path, size and modification time.
-    """
-    if slot not in SLOTS:
-        raise ValueError(f"unknown slot {slot!r}")
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    key = (str(path), st.st_size, st.st_mtime_ns, slot)
-    if key in _SLOT_CACHE:
-        return _SLOT_CACHE[key]
-    reason = None
-    if path.suffix.lower() in (".safetensors", ".sft"):
-        try:
-            entries = list_tensors(path)
-        except (ZImageError, OSError):
-            entries = None
-        if entries is not None:
-            reason = _slot_reason(path.name, entries, slot)
-    _SLOT_CACHE[key] = reason
-    return reason
-
-
-def _slot_reason(name: str, entries: list[TensorEntry], slot: str) -> str | None:
-    names = [e.name for e in entries]
-    kind = _classify(names)
-    want = _SLOT_WORDS[slot]
-    if kind == "unknown":
-        hint = next((what for fragment, what in _FOREIGN_HINTS if any(fragment in n for n in names)), None)
-        return f"{name} is {hint}, not a Z-Image {want}." if hint else None
-    if kind != slot:
-        return f"{name} is {_KIND_WORDS[kind]}, not a Z-Image {want}."
-    if slot == "text_encoder" and any(n.startswith(("text_model.", "encoder.block.")) or ".text_model." in n
-                                      for n in names):
-        return f"{name} is a CLIP or T5 text encoder, not a Z-Image {want}."
-    if slot == "vae":
-        conv_in = next((e for e in entries if _strip_vae_prefix(e.name)[0] == "decoder.conv_in.weight"), None)
-        if conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] != LATENT_CHANNELS:
-            return (f"{name} is a {conv_in.shape[1]}-channel VAE (Stable Diffusion's), not the 16-channel VAE "
-                    "Z-Image uses (Flux's ae.safetensors).")
-    return None
 
 
 # ------------------------------------------------------------ the entry point
