@@ -262,7 +262,7 @@ def test_a_big_folder_is_read_once_from_the_header_only(tmp_path, monkeypatch):
     assert [slot_verdict(p, "transformer").status for p in paths] == first
     again_s = time.perf_counter() - started
     assert first == [PART] * 300 and len(reads) == 300
-    assert first_s < 20 and again_s < 1, (first_s, again_s)  # measured on a busy 2-core box: 0.5 s and 3 ms
+    assert first_s < 20 and again_s < 1, (first_s, again_s)  # measured on a 2-core box: 0.5-0.8 s and 3-4 ms
 
 
 def test_the_adapter_prefilter_misses_no_adapter_key():
