@@ -82,7 +82,6 @@ for what in "$@"; do
             # bench/fp8_cost.py: bf16 vs fp8 (fast): speed, memory, quality, LoRA switching, the cost curve over sizes.
             # Lists with + (--sections,sizes_comfyui+sizes_diffusers); the JSON is written after every size.
             args=${what#fp8:}
-            args=${args//+/,}
             python3 -m bench.fp8_cost --root $ROOT --out $OUT --work /tmp/fp8work ${args//,/ } 2>&1 \
                 | grep -v -E "alembic|IMPORT FAILED|torchaudio|Warning|warn\(" | tee -a $OUT/fp8.log \
                 | grep -E "^===|^    |wrote|Error" | cut -c1-400

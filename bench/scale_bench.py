@@ -505,6 +505,8 @@ def render_markdown(r: dict) -> str:
         if ratios:
             lines.append(f"\nLoRA affinity / least loaded, images/s: **{', '.join(ratios)}**")
     lines += ["", f"Lost prompts (not completed): **{r['lost']}**."]
+    for note in r.get("notes") or []:  # written by hand when a result joins several calls
+        lines.append(f"- note: {note}")
     for w in r["warnings"]:
         lines.append(f"- warning: {w}")
     for what, why in r["skipped"].items():
@@ -553,7 +555,7 @@ def main(argv=None) -> int:
     args.levels = args.levels or ([1, 2, 4] if args.tiny else [1, 2, 4, 8])
     args.requests = args.requests or (4 if args.tiny else 16)
     args.size = args.size or (128 if args.tiny else None)
-    args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    args.sections = {s.strip() for s in re.split(r"[,+]", args.sections) if s.strip()}  # + from gpu_run.sh
     unknown = args.sections - {"plain", "replicas", "routing"}
     if unknown:
         print(f"unknown section(s) {', '.join(sorted(unknown))}: use plain, replicas, routing", file=sys.stderr)
