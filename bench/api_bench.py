@@ -45,6 +45,7 @@ import functools
 import itertools
 import json
 import math
+import re
 import shutil
 import signal
 import statistics
@@ -1105,7 +1106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args, gpu: bool) -> Settings:
-    only = tuple(x.strip() for x in args.only.split(",") if x.strip())
+    only = tuple(x.strip() for x in re.split(r"[,+]", args.only) if x.strip())  # + from gpu_run.sh (commas become spaces)
     unknown = set(only) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")

@@ -132,6 +132,15 @@ def test_background_compile_then_compiled_images_and_artifacts_on_disk(tiny, fre
     torch.testing.assert_close(styled.images, ref_lora, rtol=0, atol=1e-4)
     blobs = list((tmp_path / "cache").glob("zimage_turbo_*.bin"))
     assert len(blobs) == 1 and blobs[0].stat().st_size > 10_000
+    # Once torch gives up compiling one of our regions (its recompile limit; test_recompile_limit.py makes it
+    # happen for real), that region runs eagerly without a word from torch: our probe says it, not "compiled".
+    from zimage_turbo.engine.sampling import acceleration
+
+    monkeypatch.setattr(acceleration._limit_watch, "hits", acceleration._limit_watch.hits + 1)
+    monkeypatch.setattr(acceleration._limit_watch, "last", "function: 'forward' (transformer_z_image.py:228)")
+    after = pipe.generate(REQ).report
+    assert after.compile_path.startswith("compiled, but some compiled blocks hit torch's recompile limit")
+    assert "transformer_z_image.py" in after.to_text()
 
 
 def test_compile_cache_ignores_a_damaged_blob(tmp_path, monkeypatch, caplog):

@@ -16,6 +16,8 @@ background thread compiles (warmup.py), and switches once the compiled code is r
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import threading
 
 import torch
@@ -31,6 +33,16 @@ COMPILE_MODES = ("auto", "on", "off")
 ENGINE_COMPILE_MODES = COMPILE_MODES + ("background",)
 
 _local = threading.local()
+
+# One code object serves every instance of a block class, and dynamo keeps one graph per kind of instance it
+# meets: the transformer's blocks come as noise refiners, context refiners (no modulation) and main blocks (in
+# fp8 mode: bf16 and fp8 main blocks), each for batch 1 and batch > 1 (sizes 0/1 are specialised) and with or
+# without LoRA adapter slots: 16 graphs and more. Dynamo's default of 8 per code object was hit on an H100 in
+# fp8 mode after seven sizes and a LoRA; the blocks then ran eagerly (207 ms a step instead of 73) while the
+# probe said "compiled". Each of our regions gets this limit instead (other models in the process keep theirs).
+RECOMPILE_LIMIT = 64
+# Where our regions' code lives (dynamo's limit warning names the function's file).
+_OUR_CODE = ("transformer_z_image", "autoencoder_kl", "modeling_qwen3", "fast_attention")
 
 
 def check_compile_mode(mode: str) -> None:
@@ -88,7 +100,8 @@ def _install(region: nn.Module) -> None:
     # What nn.Module.compile() does, plus a per-thread choice of path: the eager code stays
     # callable while another thread compiles (dynamo's cache is per code object, so every
     # instance of a block class shares one compiled graph).
-    compiled = torch.compile(region._call_impl, dynamic=True, fullgraph=False, options=_inductor_options())
+    compiled = torch.compile(region._call_impl, dynamic=True, fullgraph=False, options=_inductor_options(),
+                             **_recompile_limit_kwargs())
     eager = region._call_impl
 
     def call(*args, **kwargs):
@@ -97,6 +110,55 @@ def _install(region: nn.Module) -> None:
         return eager(*args, **kwargs)
 
     region._compiled_call_impl = call
+
+
+def _recompile_limit_kwargs() -> dict:
+    """torch.compile's per-region recompile_limit where this torch has it; else dynamo's global limit is raised."""
+    _limit_watch.install()
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return {"recompile_limit": RECOMPILE_LIMIT}
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    return {}
+
+
+class _RecompileLimitWatch(logging.Handler):
+    """Counts dynamo's "hit config.recompile_limit" warnings about our regions: from then on a region runs its
+    eager code, and the probe must say so instead of "compiled"."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.hits = 0
+        self.last = ""
+        self._installed = False
+
+    def install(self) -> None:
+        if not self._installed:
+            self._installed = True
+            logging.getLogger("torch._dynamo.convert_frame").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record is not ours to report
+            return
+        if "recompile_limit" in text and any(name in text for name in _OUR_CODE):
+            self.hits += 1
+            self.last = next((line.strip() for line in text.splitlines() if "function:" in line), "")
+
+
+_limit_watch = _RecompileLimitWatch()
+
+
+def recompile_limit_hits() -> int:
+    """How many times one of our compiled regions gave up compiling (dynamo's recompile limit) in this process."""
+    return _limit_watch.hits
+
+
+def recompile_limit_note() -> str:
+    return (f"some compiled blocks hit torch's recompile limit and run eagerly (slower); {_limit_watch.last}; "
+            f"restart ComfyUI to compile afresh")
 
 
 def _set(regions: list[nn.Module], on: bool) -> None:

@@ -354,8 +354,14 @@ class TurboPipeline:
         device_stats.synchronize(dev)
         report.set_lora(lora_rep, time.perf_counter() - t0)
         report.compiled, report.compile_path = self._choose_path(want)
+        limit_hits = acceleration.recompile_limit_hits()
         with acceleration.compiled_calls(report.compiled):
             result = self._denoise_and_decode(req, report, lora_rep, t_start, on_step, check_interrupt)
+        # Once dynamo gives up on a region it runs that region eagerly from then on, without a word: say so.
+        if report.compiled and acceleration.recompile_limit_hits():
+            report.compile_path = f"{report.compile_path}, but {acceleration.recompile_limit_note()}"
+            if acceleration.recompile_limit_hits() > limit_hits:
+                log.warning("zimage_turbo: %s", report.compile_path)
         if report.compiled:
             self._save_compiled()  # only when this run compiled something new
             self.warmup.mark_ready(self.lora_variant())
@@ -500,7 +506,10 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
     head_start.warm_cuda_libraries(device)
     if acceleration.wants_compile(compile_mode, device.type):
         head_start.import_compiler()
+    t0 = time.perf_counter()
     classes.wait()
+    # Shown in the probe beside the files read: a first image queued as the server comes up waits here.
+    import_wait = time.perf_counter() - t0
     # fp8: a transformer read now is quantised before the text encoder comes to the device (it is read into host
     # memory and moved at the first image), so loading never holds the bf16 transformer and the encoder at once.
     te_on_host = plan.text_encoder_loads_to_host or (fp8 is not None and plan.on_gpu)
@@ -515,11 +524,14 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
         else:
             for part, secs in comps.fresh_loads.items():
                 pipe.pending_loads[part] = secs
+        if import_wait >= 0.05:
+            pipe.pending_loads[IMPORT_WAIT_PART] = import_wait
         pipe.memory = memory
         pipe.compile_mode = compile_mode
         return pipe
 
 
+IMPORT_WAIT_PART = "model classes (import)"  # the probe's load part for the wait on the head start's import
 RETIRE_WAIT_S = 300.0  # longest wait for a generation of a pipeline whose transformer changes precision
 
 
