@@ -55,6 +55,59 @@ def test_lora_file_holding_nan_weights_is_refused_naming_the_tensor(tiny, tmp_pa
         pipe.generate(REQ, [LoraSpec(bad, 1.0)])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_one_non_finite_value_anywhere_in_a_half_precision_file_is_found(tiny, tmp_path, dtype, value):
+    """The reader's check is one float32 sum per tensor; a single bad element of any float type must show."""
+    from zimage_turbo.engine.lora.lora_files import parse_lora
+
+    path, _ = tiny["loras"]["diffusers"]
+    sd = {k: t.to(dtype) for k, t in load_file(str(path)).items()}
+    key = sorted(k for k in sd if "lora_A" in k)[-1]
+    t = sd[key].clone()
+    t.view(-1)[t.numel() // 2 + 1] = value
+    sd[key] = t
+    bad = tmp_path / "one_bad_value.safetensors"
+    save_file(sd, str(bad))
+    modules = _modules(tiny)
+    with pytest.raises(LoraKeyError, match=f"1 tensor\\(s\\) hold NaN or infinite values \\(e.g. {key}\\)"):
+        parse_lora(bad, modules)
+
+
+def test_finite_values_whose_sum_overflows_are_not_taken_for_infinities(tiny, tmp_path):
+    from zimage_turbo.engine.lora.lora_files import parse_lora
+
+    path, _ = tiny["loras"]["diffusers"]
+    sd = {k: t.to(torch.bfloat16) for k, t in load_file(str(path)).items()}
+    key = sorted(k for k in sd if "lora_B" in k)[0]
+    sd[key] = torch.full_like(sd[key], 3.0e38)  # finite in bf16; their float32 sum is not
+    assert not torch.isfinite(sd[key].sum(dtype=torch.float32))
+    big = tmp_path / "big_but_finite.safetensors"
+    save_file(sd, str(big))
+    parsed = parse_lora(big, _modules(tiny))  # read, not refused (using it is another matter: see the next test)
+    assert any(t.low_rank is not None and torch.equal(t.low_rank.up, sd[key]) for t in parsed.targets.values())
+
+
+def test_a_bf16_file_is_kept_in_bf16_and_applies_as_its_float32_copy(tiny, tmp_path, pipe):
+    """Pairs stay in the file's precision on the host (the device converts them, exactly)."""
+    from zimage_turbo.engine.lora.lora_files import parse_lora
+
+    path, _ = tiny["loras"]["diffusers"]
+    sd16 = {k: t.to(torch.bfloat16) for k, t in load_file(str(path)).items()}
+    as16, as32 = tmp_path / "pair_bf16.safetensors", tmp_path / "pair_fp32.safetensors"
+    save_file(sd16, str(as16))
+    save_file({k: t.float() for k, t in sd16.items()}, str(as32))  # the same values, in float32
+    parsed = parse_lora(as16, _modules(tiny))
+    assert {t.low_rank.down.dtype for t in parsed.targets.values()} == {torch.bfloat16}
+    assert torch.equal(pipe.generate(REQ, [LoraSpec(as16, 0.9)]).images, pipe.generate(REQ, [LoraSpec(as32, 0.9)]).images)
+
+
+def _modules(tiny):
+    from zimage_turbo.engine.lora.lora_files import linear_modules
+
+    return linear_modules(get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), CPU, torch.float32).transformer)
+
+
 def test_generation_that_overflows_is_an_error_naming_the_lora_not_a_black_image(tiny, tmp_path, pipe):
     huge, _ = _poisoned(tiny, tmp_path, "huge_weights.safetensors", 1e30, every=True)  # finite in the file, overflows in use
     with pytest.raises(NonFiniteError, match="no image is returned.*huge_weights.safetensors at strength 1"):
