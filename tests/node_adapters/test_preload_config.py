@@ -184,6 +184,56 @@ def test_loading_then_warming_then_ready_and_request_returns_at_once(pre):
     assert p.preloaded(pipe) and not p.preloaded(FakePipe())
 
 
+def test_a_throw_away_first_image_runs_once_compiled_and_before_ready(pre):
+    """The server's preload makes one image before it says ready (rehearse_first_image says why)."""
+    pipe = FakePipe(states=("compiled",))
+    gate, seen = threading.Event(), []
+
+    def rehearse(p):
+        seen.append(p.compile_status()["state"])
+        gate.wait(10)
+        return 0.25
+
+    p = preloader(pre, lambda s: pipe)
+    p.rehearse = rehearse
+    p.request([DEFAULTS], "test")
+    until(lambda: seen)
+    assert seen == ["compiled"] and p.status()["state"] == "warming"  # not ready while the image is made
+    gate.set()
+    assert p.wait(10)
+    row = p.status()["pipelines"][0]
+    assert p.status()["state"] == "ready" and row["first_image_s"] == 0.25 and row["note"] is None
+
+
+def test_a_failed_throw_away_image_leaves_the_preload_ready_and_says_why(pre):
+    def rehearse(p):
+        raise RuntimeError("CUDA out of memory while writing /home/someone/ComfyUI/temp/x.bin")
+
+    p = preloader(pre, lambda s: FakePipe(states=("compiled",)))
+    p.rehearse = rehearse
+    p.request([DEFAULTS], "test")
+    assert p.wait(10)
+    row = p.status()["pipelines"][0]
+    assert p.status()["state"] == "ready" and row["first_image_s"] is None
+    assert row["note"].startswith("the throw-away first image failed: RuntimeError: CUDA out of memory")
+    assert "/home/someone" not in row["note"]
+
+
+def test_the_throw_away_image_is_a_real_generation_on_the_gpu_only(pre, tiny):
+    import torch
+
+    api = pre.api
+    pipe = api.load(api.DiffusersFolder(tiny["built"].diffusers_dir), torch.device("cpu"), torch.float32, "resident",
+                    "off")
+    assert pre.rehearse_first_image(pipe) is None  # a CPU: nothing to warm, no image made
+    assert pre.REHEARSAL_PROMPT not in pipe.testate.embeddings
+    seconds = pre.rehearse_first_image(pipe, side=64, devices=("cpu",))  # as on a GPU
+    assert seconds > 0 and pre.REHEARSAL_PROMPT in pipe.testate.embeddings
+    report = pipe.generate(api.GenerationRequest("a cat", width=64, height=64, seed=3)).report
+    assert report.load_s == {} and not report.base_reloaded  # the first user image loads nothing
+    api.release_all()
+
+
 def test_compile_off_is_ready_and_a_failed_compile_is_failed_but_loaded(pre):
     p = preloader(pre, lambda s: FakePipe(states=("off",)) if s["compile"] == "off" else
                   FakePipe(states=("failed",), error="inductor crashed"))
