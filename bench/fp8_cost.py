@@ -71,7 +71,7 @@ QUALITY_PROMPTS = (
 )
 QUALITY_SEEDS = (11, 12)
 QUICK_NOTE = "TINY random model on the CPU: a smoke run of the harness, not a benchmark"
-SECTIONS = ("env", "bf16", "fp8", "sizes_fp8", "fp8_lora", "sizes_bf16", "sizes_comfyui", "sizes_diffusers")
+SECTIONS = ("env", "bf16", "anatomy", "fp8", "sizes_fp8", "fp8_lora", "sizes_bf16", "sizes_comfyui", "sizes_diffusers")
 RANDOM_NOTE = ("RANDOM weights (bench/build_model.py): quality figures measure how far fp8 moves a random network, "
                "not how real images look; run --quality-only on the real weights for those")
 
@@ -276,12 +276,13 @@ class Fp8Cost:
                                      fp8=fp8)
         return self.pipe
 
-    def request(self, size=None, batch=1, seed=None, prompt=None):
+    def request(self, size=None, batch=1, seed=None, prompt=None, steps=None):
         from zimage_turbo.engine.sampling.pipeline import GenerationRequest
 
         self.counter += 1
         size = size or self.size
-        return GenerationRequest(prompt or PROMPT.format(i=self.counter), width=size, height=size, steps=self.steps,
+        return GenerationRequest(prompt or PROMPT.format(i=self.counter), width=size, height=size,
+                                 steps=steps or self.steps,
                                  seed=seed if seed is not None else 1000 + self.counter, batch_size=batch)
 
     def timed_generate(self, req, loras=(), memory=None):
@@ -390,6 +391,21 @@ class Fp8Cost:
         self.res.update(e2e_s=r["e2e_s"], step_ms=r["step_ms"], vae_ms=r["vae_ms"], peak_gib=r["peak_gib"],
                         bf16_compile_s=out["first_call"]["compile_s"])
         self.res["sizes"].append(self.size_entry("ours-bf16", self.size, 1, r))
+        return out
+
+    def s_anatomy(self) -> dict:
+        """bf16: one step's kernels by kind, GPU idle per step, CUDA graphs for the step, VAE decode variants."""
+        from bench import step_anatomy
+
+        if self.pipe is None or self.pipe.fp8 is not None:
+            self.pipeline()
+            self.first_call()
+        cuda = self.device.type == "cuda"
+        out = {"profile": step_anatomy.profile_steps(self.pipe, self.request, cuda,
+                                                     steps=(self.steps, max(1, self.steps // 2)))}
+        self.save()
+        out["cuda_graphs"] = step_anatomy.cuda_graph_step(self.pipe, self.size) if cuda else {"skipped": "CPU"}
+        out["vae"] = step_anatomy.vae_variants(self.pipe, self.size, cuda)
         return out
 
     def fp8_refusal(self) -> str | None:
@@ -641,6 +657,7 @@ class Fp8Cost:
         print(f"device {self.res['device']}; out {self.out_base}", flush=True)
         self.section("env", self.s_env)
         self.section("bf16", self.s_bf16)
+        self.section("anatomy", self.s_anatomy)
         self.section("fp8", self.s_fp8)
         self.section("sizes_fp8", lambda: self.s_sizes_ours(True))
         self.section("fp8_lora", self.s_fp8_lora)  # its first LoRA compiles the adapter variant: after the curve
@@ -785,6 +802,7 @@ def render(res: dict) -> str:
                   f"- PSNR: mean {_f(q.get('psnr_db_mean'), '{:.2f} dB')} "
                   f"({', '.join(_f(x, '{:.1f}') for x in q.get('psnr_db', []))})",
                   f"- SSIM: mean {_f(q.get('ssim_mean'), '{:.4f}')} ({q.get('metrics')})", ""]
+    lines += render_anatomy(s.get("anatomy") or {})
     lo = s.get("fp8_lora") or {}
     if lo and "strength_change_ms" in lo:
         fr = lo.get("fold_requant") or {}
@@ -817,6 +835,39 @@ def render(res: dict) -> str:
         if res.get(key):
             lines += [f"## {key}", ""] + [f"- {k}: {str(v).splitlines()[0][:300]}" for k, v in res[key].items()] + [""]
     return "\n".join(lines)
+
+
+def render_anatomy(a: dict) -> list[str]:
+    if not a.get("profile"):
+        return []
+    p = a["profile"]
+    ps = p.get("per_step_ms") or {}
+    lines = ["## Where a bf16 step goes (profile)", "", f"_{p.get('how')}_", "",
+             "| kind | ms per step |", "|---|---:|"]
+    lines += [f"| {k} | {_f(v, '{:.1f}')} |" for k, v in ps.items()]
+    lines += [f"| **GPU busy** | {_f(p.get('busy_ms_per_step'), '{:.1f}')} |",
+              f"| step wall (CUDA events) | {_f(p.get('step_wall_ms'), '{:.1f}')} |",
+              f"| idle (launch gaps) | {_f(p.get('idle_ms_per_step'), '{:.1f}')} |", "",
+              "Outside the steps (text encode + decode), ms by kind: "
+              + ", ".join(f"{k} {_f(v, '{:.1f}')}" for k, v in (p.get("outside_steps_ms") or {}).items()), "",
+              "Top kernels per step: " + "; ".join(f"{x['name'][:60]} ({x['kind']}) {_f(x['ms'], '{:.2f}')} ms"
+                                                   for x in (p.get("top_kernels_per_step") or [])[:10]), ""]
+    g = a.get("cuda_graphs") or {}
+    if g:
+        lines += [f"- CUDA graph of one step's denoiser call: normal {_f(g.get('normal_ms'), '{:.1f} ms')}, replay "
+                  f"{_f(g.get('graph_ms'), '{:.1f} ms')} (saves {_f(g.get('saved_ms_per_step'), '{:.1f} ms')} a "
+                  f"step; bit-identical {g.get('bit_identical')}, max diff {g.get('max_abs_diff_vs_normal')})"
+                  + (f"; capture failed: {g['capture_error']}" if g.get("capture_error") else "")
+                  + (f"; {g['skipped']}" if g.get("skipped") else "")]
+    v = a.get("vae") or {}
+    if v:
+        lines += [f"- VAE decode: as run {_f(v.get('as_run_ms'), '{:.1f} ms')} (kernels: "
+                  + ", ".join(f"{k} {_f(x, '{:.1f}')}" for k, x in (v.get("as_run_kernels_ms") or {}).items())
+                  + f"), eager {_f(v.get('eager_ms'), '{:.1f} ms')}, channels-last eager "
+                  f"{_f(v.get('channels_last_eager_ms'), '{:.1f} ms')}, channels-last compiled "
+                  f"{_f(v.get('channels_last_compiled_ms'), '{:.1f} ms')} (max diff "
+                  f"{v.get('channels_last_max_abs_diff')})"]
+    return lines + [""]
 
 
 def plot(res: dict, path: Path) -> None:

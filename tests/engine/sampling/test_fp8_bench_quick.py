@@ -37,6 +37,13 @@ def test_quick_run_refuses_fp8_on_the_cpu_and_writes_every_key(tiny, fresh_engin
     assert all(0 <= e["attention_share_flops"] < 1 for e in res["sizes"])
     assert res["errors"] == {}, res["errors"]
     assert "comfyui" in json.dumps(res["sections"]["sizes_comfyui"]) or res["sections"]["sizes_comfyui"]["skipped"]
+    # the step anatomy: one step's work by kind from the 2-step minus 1-step difference, the decode variants
+    anatomy = res["sections"]["anatomy"]
+    per_step = anatomy["profile"]["per_step_ms"]
+    assert set(per_step) == {"gemm", "attention", "conv", "triton_fused", "copy", "other"}
+    assert per_step["gemm"] > 0 and anatomy["profile"]["top_kernels_per_step"]
+    assert anatomy["cuda_graphs"] == {"skipped": "CPU"}
+    assert anatomy["vae"]["as_run_ms"] > 0 and anatomy["vae"]["channels_last_eager_ms"] > 0
 
 
 def test_quick_run_with_fp8_simulated_fills_the_fp8_figures(tiny, fresh_engine, tmp_path, monkeypatch):
