@@ -111,6 +111,28 @@ def test_fp8_lora_switching_is_fast_and_all_off_is_bit_identical(tiny, fresh_eng
 
 
 @FP8
+def test_compiled_fp8_all_off_after_loras_is_bit_identical(tiny, fresh_engine, cuda0):
+    """The benchmark's case: compiled fp8, a LoRA on (adapter slots are built: a new compiled variant), then all off.
+    Same prompt, seed and size: the image must be the one made before any LoRA, bit for bit."""
+    a, b = tiny["loras"]["diffusers"][0], tiny["loras"]["kohya_fused"][0]
+    pipe = get_pipeline(src(tiny), cuda0, torch.bfloat16, "resident", "on", fp8=EVERYTHING)
+    base = pipe.generate(REQ)
+    assert base.report.compiled
+    with torch.inference_mode():
+        emb = pipe.encode(REQ.prompt)[0].clone()
+    styled = pipe.generate(REQ, [LoraSpec(a, 0.8)])
+    assert styled.report.lora_path == "adapters" and styled.report.compiled
+    pipe.generate(REQ, [LoraSpec(b, 0.7)])
+    off = pipe.generate(REQ, [])
+    assert off.report.compiled
+    with torch.inference_mode():
+        assert torch.equal(pipe.encode(REQ.prompt)[0], emb)
+    diff = (off.latents - base.latents).abs().max().item()
+    assert torch.equal(off.latents, base.latents), f"latents differ by up to {diff} ({off.report.compile_path})"
+    assert torch.equal(off.images, base.images)
+
+
+@FP8
 def test_a_compiled_bf16_pipeline_turns_fp8_and_back(tiny, fresh_engine, cuda0):
     bf16 = get_pipeline(src(tiny), cuda0, torch.bfloat16, "resident", "on")
     first = bf16.generate(REQ, [LoraSpec(tiny["loras"]["diffusers"][0], 0.8)])  # compiled, a LoRA merged
