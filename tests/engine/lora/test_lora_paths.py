@@ -55,6 +55,34 @@ def test_merged_equals_adapters_and_all_off_restores_every_weight_bit_for_bit(ti
     assert all(torch.equal(t, before[n]) for n, t in base_weights(pipe).items())
 
 
+def structure(module):
+    return [(n, type(m).__name__) for n, m in module.named_modules()]
+
+
+def test_adapters_all_off_puts_the_pre_lora_module_tree_back_and_on_again_is_a_swap(tiny, fresh_engine):
+    """A compiled transformer traces the module tree: with every LoRA off it must be the tree compiled before any
+    LoRA (else a second graph of the same computation, fused differently, changes the bits: seen in fp8 mode on
+    an H100). The PEFT layers are kept aside: the next LoRA on reuses them, slots and files included."""
+    (p1, _), (p2, _) = tiny["loras"]["diffusers"], tiny["loras"]["kohya_split"]
+    pipe = new_pipe(tiny, "adapters")
+    tree = structure(pipe.transformer)
+    base = pipe.generate(REQ).images
+    styled = pipe.generate(REQ, [LoraSpec(p1, 0.7), LoraSpec(p2, -0.4)])
+    assert styled.report.lora_path == "adapters"
+    assert any(".lora_A" in n for n, _ in structure(pipe.transformer))
+    manager = pipe.tstate.lora
+    rebuilds = manager.rebuilds
+    off = pipe.generate(REQ, [])
+    assert structure(pipe.transformer) == tree and torch.equal(off.images, base)
+    again = pipe.generate(REQ, [LoraSpec(p1, 0.7), LoraSpec(p2, -0.4)])
+    assert torch.equal(again.images, styled.images) and manager.rebuilds == rebuilds
+    pipe.generate(REQ, [LoraSpec(p2, 0.5)])  # a strength change and one file fewer: still the same slots
+    manager.remove_all()
+    assert structure(pipe.transformer) == tree and not manager.layers
+    assert torch.equal(pipe.generate(REQ).images, base)
+    assert torch.equal(pipe.generate(REQ, [LoraSpec(p1, 0.7), LoraSpec(p2, -0.4)]).images, styled.images)
+
+
 def test_same_stack_same_bits_whatever_ran_before(tiny, fresh_engine):
     (p1, _), (p2, _) = tiny["loras"]["diffusers"], tiny["loras"]["kohya_fused"]
     first = new_pipe(tiny, "merge").generate(REQ, [LoraSpec(p1, 0.6)]).images
