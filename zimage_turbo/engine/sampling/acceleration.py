@@ -96,19 +96,16 @@ def _inductor_options() -> dict:
     return {"deterministic": True}
 
 
-def _install(region: nn.Module, prepare=None) -> None:
+def _install(region: nn.Module) -> None:
     # What nn.Module.compile() does, plus a per-thread choice of path: the eager code stays
     # callable while another thread compiles (dynamo's cache is per code object, so every
-    # instance of a block class shares one compiled graph). `prepare`: what the compiled path does to
-    # the first argument before it runs (the VAE decoder's input layout).
+    # instance of a block class shares one compiled graph).
     compiled = torch.compile(region._call_impl, dynamic=True, fullgraph=False, options=_inductor_options(),
                              **_recompile_limit_kwargs())
     eager = region._call_impl
 
     def call(*args, **kwargs):
         if getattr(_local, "on", False):
-            if prepare is not None and args:
-                args = (prepare(args[0]),) + args[1:]
             return compiled(*args, **kwargs)
         return eager(*args, **kwargs)
 
@@ -188,26 +185,8 @@ def set_text_encoder(text_encoder: nn.Module, on: bool) -> None:
     _set(_regions(text_encoder, "DecoderLayer"), on)
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
 def set_vae(vae: nn.Module, on: bool) -> None:
-    """The decoder compiled; on a GPU, its compiled code runs channels-last (weights and input).
-
-    Measured at 1024² (bench/step_anatomy.py): the compiled decoder took 45 ms (H200) / 49 ms (H100) in the
-    default layout, 35 / 39 ms channels-last, its convolutions and fused GroupNorm+SiLU kernels both faster.
-    Eagerly, channels-last is slower (87 -> 129 ms): compile off keeps (and gets back) the default layout.
-    """
-    decoder = vae.decoder
-    gpu = any(p.device.type == "cuda" for p in decoder.parameters())
-    if on and getattr(decoder, "_compiled_call_impl", None) is None:
-        if gpu:
-            decoder.to(memory_format=torch.channels_last)
-        _install(decoder, prepare=_channels_last if gpu else None)
-    elif not on:
-        decoder._compiled_call_impl = None
-        decoder.to(memory_format=torch.contiguous_format)
+    _set([vae.decoder], on)
 
 
 def tracing_context():
