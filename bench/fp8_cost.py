@@ -9,6 +9,8 @@ so a run cut off at the command's time limit keeps what it measured:
   env         device, compute capability, versions, whether fp8 can run here
   bf16        this package in bf16 (resident, compiled; the first image waits for the compile): end to end, ms/step,
               VAE decode, peak memory at 1024²; the reference images of the quality section
+  anatomy     bf16: one step's kernels by kind (GEMM, attention, fused, other) and the GPU's idle time per step, a
+              CUDA graph of one step against the normal call, VAE decode variants (bench/step_anatomy.py)
   fp8         the same in fp8 (fast): conversion and compile time, the same figures, the offload_text_encoder peak,
               and fp8 vs bf16 on the same prompts and seeds: latent relative error, PSNR and SSIM of the decoded
               images (torchmetrics; nothing that downloads weights)
@@ -831,6 +833,8 @@ def render(res: dict) -> str:
                   "what each runs at (cuDNN attention ~585 TFLOP/s vs bf16 GEMMs ~760, fp8 ~1200), attention's time "
                   "passes the GEMMs' from ~2100² in bf16 and ~1700² in fp8 (analytic; the per-step times above are "
                   "the measurement).", ""]
+    if res.get("notes"):
+        lines += ["## Notes (by hand)", ""] + [f"- {n}" for n in res["notes"]] + [""]
     for key in ("skipped", "errors"):
         if res.get(key):
             lines += [f"## {key}", ""] + [f"- {k}: {str(v).splitlines()[0][:300]}" for k, v in res[key].items()] + [""]

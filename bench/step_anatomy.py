@@ -9,8 +9,9 @@ Used by bench/fp8_cost.py's `anatomy` section on a warm, compiled pipeline:
             that removing launch gaps (CUDA graphs) could win.
   graphs    the denoiser call of one step captured once in a torch.cuda.CUDAGraph and replayed, against the
             same call made normally; outputs compared.
-  vae       the decoder as the pipeline runs it, and channels-last (eager, and compiled from a copy), and where
-            its kernels go.
+  vae       the decoder as the pipeline runs it (dynamic shapes), and channels-last eager and compiled from a copy
+            for this one size (static shapes: inductor's layout choices differ; a compile per size), and where its
+            kernels go.
 """
 
 from __future__ import annotations
