@@ -407,7 +407,7 @@ def run_prompt(server: Server, graphs, section: str, prompt: str, seed: int, lor
     if graphs.probe_id is not None:
         found = (outputs.get(graphs.probe_id) or {}).get("zimage_probe") or []
         p = found[0] if found else {}
-        keep = ("total_s", "load_total_s", "lora_s", "text_encode_s", "denoise_s", "vae_decode_s", "mean_step_s",
+        keep = ("total_s", "load_total_s", "load_s", "lora_s", "text_encode_s", "denoise_s", "vae_decode_s", "mean_step_s",
                 "compiled", "compile_path", "lora_path", "base_reloaded", "embedding_cache_hit", "device_name",
                 "dtype")
         rec["probe"] = {k: p.get(k) for k in keep if k in p}
