@@ -27,8 +27,10 @@ api.configure_compile_cache(comfy_paths.compile_cache_dir())
 
 
 def start_imports_with_server() -> None:
-    """Once ComfyUI has imported every custom node, import the model classes (and, with a GPU, where pipelines
-    compile by default, torch's compiler stack) on a background thread: the first image then need not.
+    """Once ComfyUI has imported every custom node, import the model classes on a background thread: the first
+    image then need not. Not torch's compiler: by default the first image runs eagerly and the compile comes after
+    it (warmup.py); imported beside the first image, the compiler took the interpreter from it (H100: a cold first
+    image waited 3.8 s for it).
 
     Not at our own import: a pack imported after ours could be importing diffusers at that very moment.
     Without a running server (the pack used as a library, tests) it does nothing; loading imports on demand.
@@ -41,12 +43,12 @@ def start_imports_with_server() -> None:
             return
 
         async def on_startup(app):
-            api.prepare_imports(compiler=torch.cuda.is_available())
+            api.prepare_imports(compiler=False)
 
         try:
             instance.app.on_startup.append(on_startup)
         except (AttributeError, RuntimeError):  # no aiohttp app to hook, or it already runs
-            api.prepare_imports(compiler=torch.cuda.is_available())
+            api.prepare_imports(compiler=False)
     except ImportError:
         return
     except Exception:  # noqa: BLE001 - a head start is never worth a failed start

@@ -24,6 +24,29 @@ def test_both_layouts_load_identical_weights(tiny, fresh_engine):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), part
 
 
+def test_every_part_is_read_before_the_model_classes_are_needed(tiny, fresh_engine, monkeypatch):
+    """The reading overlaps the head start's import of the model classes: all three parts are read, then
+    `classes_ready` is called (where the import is waited for), then the modules are built."""
+    from zimage_turbo.engine.files import model_files, quantized
+
+    events = []
+    read = quantized.load_dequantized
+    monkeypatch.setattr(quantized, "load_dequantized", lambda *a, **k: (events.append("read"), read(*a, **k))[1])
+    for name in ("_build_transformer", "_build_text_encoder", "_build_vae"):
+        build = getattr(model_files, name)
+        monkeypatch.setattr(model_files, name, lambda *a, _b=build, _n=name, **k: (events.append(_n), _b(*a, **k))[1])
+    comps = load_components(split_source(tiny["built"]), CPU, torch.float32, False,
+                            classes_ready=lambda: events.append("classes"))
+    assert events == ["read", "read", "read", "classes", "_build_transformer", "_build_text_encoder", "_build_vae"]
+    # The load times still include the reading.
+    assert all(getattr(comps, p).load_seconds > 0 for p in ("transformer", "text_encoder", "vae"))
+    assert set(comps.fresh_loads) == {"transformer", "text_encoder", "vae"}
+    # All cached: nothing is read again, and the classes are still asked for (they are imported already).
+    events.clear()
+    load_components(split_source(tiny["built"]), CPU, torch.float32, False, classes_ready=lambda: events.append("classes"))
+    assert events == ["classes"]
+
+
 def test_both_layouts_generate_the_same_image(tiny, fresh_engine):
     """Same weights is not enough: settings that are not in the weights (norm groups, rope) must agree too."""
     from zimage_turbo.engine.sampling.pipeline import GenerationRequest, get_pipeline

@@ -113,6 +113,12 @@ def test_background_compile_then_compiled_images_and_artifacts_on_disk(tiny, fre
     assert first.report.compile_path == "eager (compiling in the background)"
     assert time.perf_counter() - t0 < 30  # did not wait for the compiler
     assert torch.equal(first.images, ref)  # the eager path is the plain model
+    # The first image made no compiled callable (that needs the compiler's modules: on an H100 a cold first image
+    # waited 3.8 s for their import); the warm-up thread makes them when it compiles.
+    from zimage_turbo.engine.sampling import acceleration as acc
+
+    regions = [m for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert regions and not any(r._compiled_call_impl.compiled_made() for r in regions)
     # The thread is compiling now, sharing the interpreter finely; an image meanwhile runs eagerly.
     deadline = time.perf_counter() + 5
     while sys.getswitchinterval() > 2 * warmup.SWITCH_INTERVAL_S and time.perf_counter() < deadline:
@@ -125,6 +131,7 @@ def test_background_compile_then_compiled_images_and_artifacts_on_disk(tiny, fre
     assert sys.getswitchinterval() == pytest.approx(interval_before)  # given back when the thread is done
     done = pipe.generate(REQ)
     assert done.report.compiled and done.report.compile_path == "compiled"
+    assert all(r._compiled_call_impl.compiled_made() for r in regions) and acc.is_compiled(pipe.transformer)
     torch.testing.assert_close(done.images, ref, rtol=0, atol=1e-4)
     # A merged LoRA changes no structure: the styled image runs compiled at once, no new variant.
     styled = pipe.generate(REQ, [LoraSpec(path, 0.7)])

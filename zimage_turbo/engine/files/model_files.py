@@ -285,10 +285,22 @@ def _read_files(files: list[Path], part: str) -> tuple[list[TensorEntry], quanti
     return quant.weights(entries), quant
 
 
-def _load_transformer(files: list[Path], index, source: ModelSource, device, dtype) -> tuple[nn.Module, int]:
+# Each part loads in two steps: its tensors are read (no model class needed), then its module is built around
+# them. load_components reads every part before it builds any, so the reading overlaps the head start's import
+# of the model classes (engine/head_start.py), which a first image after a server start otherwise waited for
+# before reading anything (H100: 3.6-4.8 s of import, then 1.6-4.5 s of reading).
+
+
+def _read_transformer(files: list[Path], index, device, dtype) -> tuple[dict, int]:
+    entries, quant = index
+    # Dequantised before the rename: an fp8 file's fused qkv has one scale for all three parts.
+    return quantized.load_dequantized(entries, quant, device, dtype)
+
+
+def _build_transformer(files: list[Path], index, source: ModelSource, device, sd: dict) -> nn.Module:
     from diffusers import ZImageTransformer2DModel
 
-    entries, quant = index
+    entries, _ = index
     if isinstance(source, DiffusersFolder):
         cfg = {k: v for k, v in _read_json(Path(source.root) / "transformer" / "config.json").items() if not k.startswith("_")}
         cfg.setdefault("axes_lens", TRANSFORMER_CONFIG["axes_lens"])  # diffusers' default is wrong for Z-Image
@@ -298,15 +310,11 @@ def _load_transformer(files: list[Path], index, source: ModelSource, device, dty
         rename = key_maps.transformer_to_diffusers  # diffusers' single-file converter, on the loaded tensors
     with params_on_meta():
         model = ZImageTransformer2DModel(**cfg)
-    # Dequantised before the rename: an fp8 file's fused qkv has one scale for all three parts.
-    sd, nbytes = quantized.load_dequantized(entries, quant, device, dtype)
-    return _assign(model, rename(sd), "diffusion model", files[0].name).to(device), nbytes
+    return _assign(model, rename(sd), "diffusion model", files[0].name).to(device)
 
 
-def _load_text_encoder(files: list[Path], index, source: ModelSource, device, dtype, pin: bool) -> tuple[nn.Module, int]:
-    from transformers import Qwen3Config, Qwen3Model
-
-    entries, quant = index
+def _text_encoder_config(files: list[Path], index, source: ModelSource) -> dict:
+    entries, _ = index
     if isinstance(source, DiffusersFolder):
         cfg = _read_json(Path(source.root) / "text_encoder" / "config.json")
         cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")}
@@ -317,7 +325,12 @@ def _load_text_encoder(files: list[Path], index, source: ModelSource, device, dt
     keep_layers = cfg["num_hidden_layers"] - (TEXT_ENCODER_HIDDEN_LAYER_FROM_END - 1)
     cfg = dict(cfg, num_hidden_layers=keep_layers, use_cache=False)
     cfg.pop("layer_types", None)
+    return cfg
 
+
+def _read_text_encoder(files: list[Path], index, source: ModelSource, device, dtype, pin: bool) -> tuple[dict, int]:
+    entries, quant = index
+    keep_layers = _text_encoder_config(files, index, source)["num_hidden_layers"]
     selected = []
     for e in entries:
         name = key_maps.text_encoder_file_name_to_model(e.name)
@@ -326,39 +339,52 @@ def _load_text_encoder(files: list[Path], index, source: ModelSource, device, dt
         if name.startswith("layers.") and int(name.split(".")[1]) >= keep_layers:
             continue
         selected.append((name, e))
-    with params_on_meta():
-        model = Qwen3Model(Qwen3Config(**cfg))
-    model.norm = nn.Identity()
     target = "cpu" if pin else device
     raw, nbytes = quantized.load_dequantized([e for _, e in selected], quant, target, dtype)
     sd = {name: raw[e.name] for name, e in selected}
     if pin:
         sd = {k: v.pin_memory() for k, v in sd.items()}
+    return sd, nbytes
+
+
+def _build_text_encoder(files: list[Path], index, source: ModelSource, device, sd: dict) -> nn.Module:
+    from transformers import Qwen3Config, Qwen3Model
+
+    with params_on_meta():
+        model = Qwen3Model(Qwen3Config(**_text_encoder_config(files, index, source)))
+    model.norm = nn.Identity()
     model = _assign(model, sd, "text encoder", files[0].name)
     # Buffers (rotary frequencies) follow the compute device; weights stay where they were put.
     for mod in model.modules():
         for bname, buf in list(mod._buffers.items()):
             if buf is not None:
                 mod._buffers[bname] = buf.to(device)
-    return model, nbytes
+    return model
 
 
-def _load_vae(files: list[Path], index, source: ModelSource, device, dtype) -> tuple[nn.Module, int]:
+def _vae_config(files: list[Path], index, source: ModelSource) -> tuple[dict, int | None]:
+    """(config, number of blocks for diffusers' converter, or None for a diffusers folder)."""
+    entries, _ = index
+    if isinstance(source, DiffusersFolder):
+        return {k: v for k, v in _read_json(Path(source.root) / "vae" / "config.json").items() if not k.startswith("_")}, None
+    cfg = vae_config_from_weights(_shapes(entries), files[0].name)
+    return cfg, len(cfg["block_out_channels"])
+
+
+def _read_vae(files: list[Path], index, device, dtype) -> tuple[dict, int]:
+    entries, quant = index
+    return quantized.load_dequantized(entries, quant, device, dtype)
+
+
+def _build_vae(files: list[Path], index, source: ModelSource, device, sd: dict) -> nn.Module:
     from diffusers import AutoencoderKL
 
-    entries, quant = index
-    if isinstance(source, DiffusersFolder):
-        cfg = {k: v for k, v in _read_json(Path(source.root) / "vae" / "config.json").items() if not k.startswith("_")}
-        convert = None
-    else:
-        cfg = vae_config_from_weights(_shapes(entries), files[0].name)
-        convert = len(cfg["block_out_channels"])
+    cfg, convert = _vae_config(files, index, source)
     with params_on_meta():
         model = AutoencoderKL(**cfg)
-    sd, nbytes = quantized.load_dequantized(entries, quant, device, dtype)
     if convert is not None:
         sd = key_maps.vae_to_diffusers(sd, convert)  # diffusers' single-file converter, on the loaded tensors
-    return _assign(model, sd, "VAE", files[0].name).to(device), nbytes
+    return _assign(model, sd, "VAE", files[0].name).to(device)
 
 
 def load_tokenizer(source: ModelSource):
@@ -476,8 +502,13 @@ class LoadedComponents:
     keys: tuple[tuple, ...]
 
 
-def load_components(source: ModelSource, device: torch.device, dtype: torch.dtype, te_on_host: bool) -> LoadedComponents:
-    """Load (or fetch from the cache) the three modules and the tokenizer for `source`."""
+def load_components(source: ModelSource, device: torch.device, dtype: torch.dtype, te_on_host: bool,
+                    classes_ready: Callable[[], None] | None = None) -> LoadedComponents:
+    """Load (or fetch from the cache) the three modules and the tokenizer for `source`.
+
+    `classes_ready`: called between reading the tensors and building the modules (the head start's import of
+    the model classes is waited for there, engine/head_start.py).
+    """
     files = source_files(source)
     dname = DTYPE_NAMES[dtype]
     fresh = {}
@@ -489,37 +520,63 @@ def load_components(source: ModelSource, device: torch.device, dtype: torch.dtyp
     # a text encoder that cannot be used is refused before minutes go into loading the transformer.
     parts = ("transformer", "text_encoder", "vae")
     indexes = {part: _read_files(files[part], part) for part in parts if not COMPONENTS.has(key(part))}
-
-    def index(part):
-        return indexes.get(part) or _read_files(files[part], part)
-
-    loaders = {
-        "transformer": lambda: _load_transformer(files["transformer"], index("transformer"), source, device, dtype),
+    readers = {
+        "transformer": lambda: _read_transformer(files["transformer"], indexes["transformer"], device, dtype),
         # The text encoder's key ignores where it sits (device or pinned host): moving it is cheap.
-        "text_encoder": lambda: _load_text_encoder(files["text_encoder"], index("text_encoder"), source, device, dtype,
-                                                   pin=te_on_host),
-        "vae": lambda: _load_vae(files["vae"], index("vae"), source, device, dtype),
+        "text_encoder": lambda: _read_text_encoder(files["text_encoder"], indexes["text_encoder"], source, device,
+                                                   dtype, pin=te_on_host),
+        "vae": lambda: _read_vae(files["vae"], indexes["vae"], device, dtype),
     }
-    out = {}
-    keys = []
-    for part, loader in loaders.items():
-        k = key(part)
-        keys.append(k)
-        try:
-            item, hit = COMPONENTS.get_or_load(k, loader)
-        except torch.OutOfMemoryError:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            from ..errors import OutOfMemoryError
+    builders = {
+        "transformer": _build_transformer,
+        "text_encoder": _build_text_encoder,
+        "vae": _build_vae,
+    }
 
-            raise OutOfMemoryError(
-                f"out of memory on {device} while loading the {part.replace('_', ' ')}: free memory (unload other "
-                "models), choose memory=offload_text_encoder or low_vram, or another device."
-            ) from None
-        if not hit:
-            fresh[part] = item.load_seconds
-        out[part] = item
+    def load_part(part):  # a part dropped from the cache since the check above: read and build it now
+        indexes[part] = _read_files(files[part], part)
+        sd, nbytes = readers[part]()
+        return builders[part](files[part], indexes[part], source, device, sd), nbytes
+
+    read: dict[str, tuple[dict, int, float]] = {}
+    try:
+        for part in indexes:
+            t0 = time.perf_counter()
+            sd, nbytes = readers[part]()
+            read[part] = (sd, nbytes, time.perf_counter() - t0)
+        if classes_ready is not None:
+            classes_ready()
+        out = {}
+        keys = []
+        for part in parts:
+            k = key(part)
+            keys.append(k)
+            if part in read:
+                sd, nbytes, read_s = read.pop(part)
+                build = builders[part]
+                item, hit = COMPONENTS.get_or_load(
+                    k, lambda: (build(files[part], indexes[part], source, device, sd), nbytes))
+                del sd
+                if not hit:
+                    item.load_seconds += read_s
+            else:  # cached (or loaded meanwhile by another caller)
+                item, hit = COMPONENTS.get_or_load(k, lambda: load_part(part))
+            if not hit:
+                fresh[part] = item.load_seconds
+            out[part] = item
+    except torch.OutOfMemoryError:
+        read.clear()
+        sd = None  # noqa: F841 - what was read goes before the cache is emptied
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        from ..errors import OutOfMemoryError
+
+        raise OutOfMemoryError(
+            f"out of memory on {device} while loading the {part.replace('_', ' ')}: free memory (unload other "
+            "models), choose memory=offload_text_encoder or low_vram, or another device."
+        ) from None
+
     tok_dir = Path(source.root) / "tokenizer" if isinstance(source, DiffusersFolder) else Path(source.tokenizer_dir)
     tok_files = tuple(FileId.of(p) for p in sorted(tok_dir.glob("*")) if p.is_file()) if tok_dir.is_dir() else ()
     tokenizer, _ = COMPONENTS.get_or_load(("tokenizer", str(tok_dir), tok_files), lambda: (load_tokenizer(source), 0))

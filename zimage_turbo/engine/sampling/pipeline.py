@@ -504,17 +504,26 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
     # waited for here: diffusers' and transformers' lazy modules fail when two threads import them at once.
     classes = head_start.import_model_classes()
     head_start.warm_cuda_libraries(device)
-    if acceleration.wants_compile(compile_mode, device.type):
+    if acceleration.wants_compile(compile_mode, device.type) and not acceleration.compiles_in_background(
+            compile_mode, device.type):
+        # "on": the first image compiles, so the compiler's modules are imported while the weights are read.
+        # In the background modes the first image runs eagerly and the warm-up thread imports them later: a
+        # first image beside that import waits for the interpreter at every operator call.
         head_start.import_compiler()
-    t0 = time.perf_counter()
-    classes.wait()
-    # Shown in the probe beside the files read: a first image queued as the server comes up waits here.
-    import_wait = time.perf_counter() - t0
+    waited = [0.0]
+
+    def classes_ready() -> None:
+        # Called once the files are read (the reading overlaps the import): a first image queued as the server
+        # comes up waits here; the probe shows the wait beside the files read.
+        t0 = time.perf_counter()
+        classes.wait()
+        waited[0] += time.perf_counter() - t0
+
     # fp8: a transformer read now is quantised before the text encoder comes to the device (it is read into host
     # memory and moved at the first image), so loading never holds the bf16 transformer and the encoder at once.
     te_on_host = plan.text_encoder_loads_to_host or (fp8 is not None and plan.on_gpu)
     with _REGISTRY_LOCK:
-        comps = _components(source, device, dtype, te_on_host, fp8)
+        comps = _components(source, device, dtype, te_on_host, fp8, classes_ready)
         key = comps.keys if fp8 is None else comps.keys + (("fp8", fp8),)
         pipe = _PIPELINES.get(key)
         acceleration.check_compile_mode(compile_mode)  # reject a bad value before anything runs
@@ -524,8 +533,8 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
         else:
             for part, secs in comps.fresh_loads.items():
                 pipe.pending_loads[part] = secs
-        if import_wait >= 0.05:
-            pipe.pending_loads[IMPORT_WAIT_PART] = import_wait
+        if waited[0] >= 0.05:
+            pipe.pending_loads[IMPORT_WAIT_PART] = waited[0]
         pipe.memory = memory
         pipe.compile_mode = compile_mode
         return pipe
@@ -535,7 +544,7 @@ IMPORT_WAIT_PART = "model classes (import)"  # the probe's load part for the wai
 RETIRE_WAIT_S = 300.0  # longest wait for a generation of a pipeline whose transformer changes precision
 
 
-def _components(source, device, dtype, te_on_host, fp8) -> LoadedComponents:
+def _components(source, device, dtype, te_on_host, fp8, classes_ready=None) -> LoadedComponents:
     """The components for these files, with the transformer in the precision asked for (under _REGISTRY_LOCK).
 
     One transformer per set of files and device is kept, in one precision: fp8 is made from the loaded bf16
@@ -543,7 +552,7 @@ def _components(source, device, dtype, te_on_host, fp8) -> LoadedComponents:
     cannot be undone exactly). Pipelines using it in the other precision are retired first: their loaders
     load their own when they run next.
     """
-    comps = load_components(source, device, dtype, te_on_host)
+    comps = load_components(source, device, dtype, te_on_host, classes_ready)
     have = fp8_mode.policy_of(comps.transformer.module)
     if have == fp8:
         return comps
