@@ -21,6 +21,9 @@ Servers and what each measures (section names for --only in brackets):
             styled steady, switching, concurrency.
   [preload] ours with ZIMAGE_TURBO_PRELOAD (and the warm caches): waits until GET /zimage_turbo/status says the
             preload is ready, then the first image and the first styled image.
+  [pairs]   (not by default) --pairs N rounds of one native server and one of ours (empty compile caches), in
+            alternating order, each: first image from launch, first styled image, stop. A server's start-up varied
+            12.7-19.6 s on one H100 with the same start-up code; interleaved rounds compare like with like.
 Ours needs three servers: the cold one spends its life compiling in the background, so its steady figures would
 not be steady; the warm restart is the normal life of a server and gets compiled code from the cache quickly. One
 native server serves every native section (it has no compile cache to be cold or warm).
@@ -67,6 +70,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results" / "api"
 OUR_WORKFLOW = REPO / "workflows" / "api" / "zimage_sugar.json"
 SECTIONS = ("native", "cold", "warm", "preload")
+# Not run by default: --only pairs (or with the others).
+EXTRA_SECTIONS = ("pairs",)
 SYSTEMS = ("native", "ours")
 LOADER, STACK, SAMPLER, PROBE = graphs.LOADER_CLASS, graphs.STACK_CLASS, graphs.SAMPLER_CLASS, graphs.PROBE_CLASS
 PRELOAD_KEYS = ("model", "text_encoder", "vae", "dtype", "device", "memory", "compile")
@@ -448,6 +453,7 @@ class Settings:
     prompt_timeout_s: float = 300.0
     server_threads: int = 0
     prewarm: bool = True
+    pairs: int = 3
 
 
 class ApiBench:
@@ -892,6 +898,44 @@ class ApiBench:
                 self.stop(holder["server"])
             self.write()
 
+    def run_pairs(self) -> None:
+        """[pairs] Interleaved first images: native and ours (cold compile caches) in turn, `pairs` rounds."""
+        rows = self.r.setdefault("first_image_pairs", [])
+        for i in range(max(1, self.s.pairs)):
+            order = ("native", "ours") if i % 2 == 0 else ("ours", "native")
+            row: dict = {"round": i + 1, "order": " then ".join(order)}
+            rows.append(row)
+            for system in order:
+                name = f"pair{i + 1}_{system}"
+                graphs = self.native if system == "native" else self.ours
+                holder: dict = {}
+
+                def start_and_first(system=system, name=name, graphs=graphs, holder=holder):
+                    if system == "ours":
+                        for folder in self.cache.values():
+                            shutil.rmtree(folder, ignore_errors=True)
+                            folder.mkdir(parents=True)
+                        server = self.start(name, "ours", self.workdir / "ours", self.ours_env())
+                    else:
+                        server = self.start(name, "native", self.workdir / "native", {})
+                    holder["server"] = server
+                    first = self.image(server, graphs, "pair_first", None)
+                    styled = self.image(server, graphs, "pair_first_lora", self.loras[0]["file"])
+                    row[system] = {"ready_s": round(server.ready_s, 3), "first_image_s": round(first["since_launch_s"], 3),
+                                   "first_post_to_success_s": round(first["seconds"], 3),
+                                   "first_lora_image_s": round(styled["seconds"], 3)}
+                    return (f"ready {server.ready_s:.2f} s; first image {first['since_launch_s']:.2f} s from launch "
+                            f"({first['seconds']:.2f} s after POST); first styled {styled['seconds']:.2f} s")
+
+                try:
+                    self.section(name, start_and_first)
+                finally:
+                    if "server" in holder:
+                        self.stop(holder["server"])
+                    self.write()
+        self.r["first_image_pairs_summary"] = summarise_pairs(rows)
+        self.write()
+
     def run(self) -> dict:
         for key in ("first_image_warm_s", "first_lora_image_warm_s", "preload_ready_s", "first_image_preloaded_s",
                     "first_lora_image_preloaded_s", "lora_step_overhead_pct_probe"):
@@ -904,7 +948,7 @@ class ApiBench:
             self.section("prewarm_page_cache", prewarm)
         try:
             for name, fn in (("native", self.run_native), ("cold", self.run_cold), ("warm", self.run_warm),
-                             ("preload", self.run_preload)):
+                             ("preload", self.run_preload), ("pairs", self.run_pairs)):
                 if name not in self.s.only:
                     self.r["skipped"][name] = "not selected (--only)"
                     continue
@@ -921,6 +965,19 @@ class ApiBench:
 
 
 # ----------------------------------------------------------------------------------------------- report
+
+def summarise_pairs(rows: list[dict]) -> dict:
+    """Medians per system over the rounds where both servers made their first image, and ours minus native."""
+    both = [r for r in rows if isinstance(r.get("native"), dict) and isinstance(r.get("ours"), dict)]
+    out: dict = {"rounds": len(both)}
+    for key in ("ready_s", "first_image_s", "first_post_to_success_s", "first_lora_image_s"):
+        out[key] = {system: median([r[system][key] for r in both]) for system in SYSTEMS}
+    diffs = [r["ours"]["first_image_s"] - r["native"]["first_image_s"] for r in both]
+    out["ours_minus_native_first_image_s"] = {"median": median(diffs), "min": min(diffs) if diffs else None,
+                                              "max": max(diffs) if diffs else None}
+    out["rounds_ours_first"] = sum(1 for d in diffs if d < 0)
+    return out
+
 
 def _fmt(value, unit: str = "") -> str:
     if value is None:
@@ -1020,6 +1077,29 @@ def render_markdown(r: dict) -> str:
             for lv in conc.get(system) or []:
                 lines.append(f"| {system} | {lv['level']} | {lv['succeeded']}/{lv['requests']} | "
                              f"{lv['images_per_s']:.3f} | {_fmt(lv['latency_p50_s'])} | {_fmt(lv['latency_max_s'])} |")
+    pairs = r.get("first_image_pairs") or []
+    if pairs:
+        lines += ["", "## First image after a start: interleaved pairs", "",
+                  "| round | order | native: ready / first image from launch / after POST / first styled (s) | "
+                  "ours (empty compile caches): the same (s) |", "|---:|---|---|---|"]
+
+        def cell(x):
+            if not isinstance(x, dict):
+                return "–"
+            return (f"{_fmt(x['ready_s'])} / **{_fmt(x['first_image_s'])}** / {_fmt(x['first_post_to_success_s'])} / "
+                    f"{_fmt(x['first_lora_image_s'])}")
+        for row in pairs:
+            lines.append(f"| {row['round']} | {row['order']} | {cell(row.get('native'))} | {cell(row.get('ours'))} |")
+        sm = r.get("first_image_pairs_summary") or {}
+        if sm.get("rounds"):
+            d = sm["ours_minus_native_first_image_s"]
+            lines += ["", f"- medians over {sm['rounds']} rounds: first image from launch native "
+                      f"{_fmt(sm['first_image_s']['native'])} s, ours {_fmt(sm['first_image_s']['ours'])} s; ours "
+                      f"minus native median {_fmt(d['median'])} s (min {_fmt(d['min'])}, max {_fmt(d['max'])}); ours "
+                      f"first in {sm['rounds_ours_first']} of {sm['rounds']} rounds; server ready native "
+                      f"{_fmt(sm['ready_s']['native'])} s, ours {_fmt(sm['ready_s']['ours'])} s; first styled image "
+                      f"native {_fmt(sm['first_lora_image_s']['native'])} s, ours "
+                      f"{_fmt(sm['first_lora_image_s']['ours'])} s"]
     lines += ["", "## Servers", "", "| server | ready (s) | compile cache at start | notes |", "|---|---:|---|---|"]
     for name, info in (r.get("servers") or {}).items():
         cache = info.get("cache_at_start")
@@ -1111,6 +1191,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-timeout", type=float, default=300.0)
     ap.add_argument("--server-threads", type=int,
                     help="OMP/MKL threads of the servers (default 1 on the CPU, torch's default on a GPU)")
+    ap.add_argument("--pairs", type=int, default=3, help="rounds of the pairs section (default 3)")
     ap.add_argument("--no-prewarm", action="store_true", help="do not read the model files once before the first "
                                                               "server")
     return ap
@@ -1118,9 +1199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args, gpu: bool) -> Settings:
     only = tuple(x.strip() for x in re.split(r"[,+]", args.only) if x.strip())  # + from gpu_run.sh (commas become spaces)
-    unknown = set(only) - set(SECTIONS)
+    unknown = set(only) - set(SECTIONS) - set(EXTRA_SECTIONS)
     if unknown:
-        raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+        raise SystemExit(f"--only: unknown {sorted(unknown)}; choose from {','.join(SECTIONS + EXTRA_SECTIONS)}")
     side = 1024 if not args.tiny else 64
     return Settings(
         width=args.width or side, height=args.height or side, steps=args.steps,
@@ -1128,7 +1209,7 @@ def settings_from_args(args, gpu: bool) -> Settings:
         levels=tuple(int(x) for x in args.levels.split(",") if x.strip()), only=only,
         deadline_s=args.deadline or None, compile_wait_s=args.compile_wait, prompt_timeout_s=args.prompt_timeout,
         server_threads=args.server_threads if args.server_threads is not None else (0 if gpu else 1),
-        prewarm=not args.no_prewarm)
+        prewarm=not args.no_prewarm, pairs=args.pairs)
 
 
 def main(argv=None) -> int:

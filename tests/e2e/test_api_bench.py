@@ -213,3 +213,27 @@ def test_a_server_without_the_preload_field_is_reported_as_not_available(tiny, t
         assert bench.r[key]["ours"] == api_bench.NOT_AVAILABLE and bench.r[key]["native"] is None
     assert bench.r["preload"]["available"] is False and "without a preload state" in bench.r["preload"]["why"]
     assert "ours_preload" not in bench.r["errors"]
+
+
+def test_interleaved_pairs_are_summarised_over_complete_rounds_only(run):
+    """--only pairs: rounds of native and ours alternately; a round where one server failed is not compared."""
+    rows = [{"round": 1, "order": "native then ours",
+             "native": {"ready_s": 12.0, "first_image_s": 27.0, "first_post_to_success_s": 15.0, "first_lora_image_s": 9.0},
+             "ours": {"ready_s": 16.0, "first_image_s": 24.0, "first_post_to_success_s": 8.0, "first_lora_image_s": 1.8}},
+            {"round": 2, "order": "ours then native",
+             "native": {"ready_s": 14.0, "first_image_s": 29.0, "first_post_to_success_s": 15.0, "first_lora_image_s": 8.0},
+             "ours": {"ready_s": 20.0, "first_image_s": 30.0, "first_post_to_success_s": 10.0, "first_lora_image_s": 2.0}},
+            {"round": 3, "order": "native then ours", "native": {"ready_s": 13.0, "first_image_s": 28.0,
+             "first_post_to_success_s": 15.0, "first_lora_image_s": 8.0}}]
+    sm = api_bench.summarise_pairs(rows)
+    assert sm["rounds"] == 2 and sm["rounds_ours_first"] == 1
+    assert sm["first_image_s"] == {"native": 28.0, "ours": 27.0}
+    assert sm["ours_minus_native_first_image_s"] == {"median": -1.0, "min": -3.0, "max": 1.0}
+    r = dict(run["result"], first_image_pairs=rows, first_image_pairs_summary=sm)
+    md = api_bench.render_markdown(r)
+    assert "## First image after a start: interleaved pairs" in md
+    assert "| 3 | native then ours | 13.0 / **28.0** / 15.0 / 8.00 | – |" in md
+    assert "ours minus native median -1.00 s (min -3.00, max 1.00); ours first in 1 of 2 rounds" in md
+    args = api_bench.build_parser().parse_args(["--tiny", "--only", "pairs", "--pairs", "4"])
+    s = api_bench.settings_from_args(args, gpu=False)
+    assert s.only == ("pairs",) and s.pairs == 4
