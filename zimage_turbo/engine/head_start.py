@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Callable
 
+from . import switch_interval
+
 log = logging.getLogger("zimage_turbo")
 
 _LOCK = threading.Lock()
@@ -46,7 +48,10 @@ def _run() -> None:
         _, _, name, job = _JOBS.get()
         t0 = time.perf_counter()
         try:
-            job()
+            # A loader reads the model files beside this job (load_components reads before it waits for the model
+            # classes): with the default switch interval each of the reader's returns to Python waits up to 5 ms.
+            with switch_interval.short():
+                job()
         except Exception as exc:  # noqa: BLE001 - the code that needs it raises it where a user sees it
             log.debug("zimage_turbo head start %s failed: %s", name, exc)
         finally:

@@ -11,18 +11,14 @@ it. Compiled code is written to disk afterwards (compile_cache.py), so a restart
 States: off (compile not wanted) · pending (wanted, not started) · compiling · compiled ·
 failed (the error is kept; generations stay eager and say why).
 
-The thread shares the interpreter finely while it runs: torch releases the GIL at each operator
-call, and with Python's default 5 ms switch interval an eager image then waits up to 5 ms for
-the tracing thread at each of its thousands of calls (measured on an H100 at 1024²: a LoRA read
-of 14-28 s instead of 0.4 s, steps of 1-4 s instead of 0.17 s). With a 0.1 ms interval those
-waits hide behind the GPU's own work. (A profile hook that put the thread to sleep during images
-was tried: it slowed tracing itself more than twofold.)
+The thread shares the interpreter finely while it runs (engine/switch_interval.py says why and what it is
+worth). (A profile hook that put the thread to sleep during images was tried: it slowed tracing itself more
+than twofold.)
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 import traceback
@@ -31,6 +27,7 @@ from contextlib import nullcontext
 import torch
 
 from ..model_config import CHAT_TEMPLATE, LATENT_CHANNELS, VAE_SCALE
+from .. import switch_interval
 from ..probing import device_stats
 from . import acceleration, compile_cache
 
@@ -43,22 +40,7 @@ BASE_VARIANT = "base"
 
 IDLE_BEFORE_COMPILE_S = 1.0  # quiet time after an eager image before the background compile starts
 MAX_DEFER_S = 60.0  # longest the compile waits for a quiet moment under steady traffic
-SWITCH_INTERVAL_S = 1e-4  # Python's thread switch interval while a warm-up runs (default 5e-3)
-_SWITCH_LOCK = threading.Lock()
-_SWITCH_USERS = [0, None]  # warm-up threads running, the interval to restore after the last
-
-
-def _short_switch_interval(on: bool) -> None:
-    with _SWITCH_LOCK:
-        if on:
-            if _SWITCH_USERS[0] == 0:
-                _SWITCH_USERS[1] = sys.getswitchinterval()
-                sys.setswitchinterval(min(SWITCH_INTERVAL_S, _SWITCH_USERS[1]))
-            _SWITCH_USERS[0] += 1
-        else:
-            _SWITCH_USERS[0] -= 1
-            if _SWITCH_USERS[0] == 0:
-                sys.setswitchinterval(_SWITCH_USERS[1])
+SWITCH_INTERVAL_S = switch_interval.SHORT_S  # Python's thread switch interval while a warm-up runs
 
 
 def _transformer_cases(device: torch.device) -> list[tuple[tuple[int, int], int]]:
@@ -187,11 +169,8 @@ class CompileWarmup:
     # ---------------------------------------------------------------- thread
 
     def _run(self) -> None:
-        _short_switch_interval(True)
-        try:
+        with switch_interval.short():
             self._compile_queue()
-        finally:
-            _short_switch_interval(False)
 
     def _compile_queue(self) -> None:
         pipe = self.pipe
