@@ -73,7 +73,7 @@ QUALITY_PROMPTS = (
 )
 QUALITY_SEEDS = (11, 12)
 QUICK_NOTE = "TINY random model on the CPU: a smoke run of the harness, not a benchmark"
-SECTIONS = ("env", "bf16", "anatomy", "fp8", "sizes_fp8", "fp8_lora", "sizes_bf16", "sizes_comfyui", "sizes_diffusers")
+SECTIONS = ("env", "bf16", "anatomy", "eager_anatomy", "fp8", "sizes_fp8", "fp8_lora", "sizes_bf16", "sizes_comfyui", "sizes_diffusers")
 RANDOM_NOTE = ("RANDOM weights (bench/build_model.py): quality figures measure how far fp8 moves a random network, "
                "not how real images look; run --quality-only on the real weights for those")
 
@@ -410,6 +410,29 @@ class Fp8Cost:
         out["vae"] = step_anatomy.vae_variants(self.pipe, self.size, cuda)
         return out
 
+    def s_eager_anatomy(self) -> dict:
+        """The eager bf16 step: what a first image after a start runs, and every image until the background compile
+        is ready. With our attention processor (installed on the "auto" path before its compile is ready) and with
+        diffusers' own; kernels by kind, GPU busy against the step's wall time, and the step without the profiler."""
+        from bench import step_anatomy
+        from zimage_turbo.engine.sampling import fast_attention
+
+        cuda = self.device.type == "cuda"
+        pipe = self.pipeline(compile_mode="off")
+        out = {}
+        for name, ours in (("fast_attention", True), ("diffusers_attention", False)):
+            (fast_attention.install if ours else fast_attention.uninstall)(pipe.transformer)
+            prof = step_anatomy.profile_steps(pipe, self.request, cuda, steps=(self.steps, max(1, self.steps // 2)))
+            plain = [pipe.generate(self.request()).report for _ in range(3)]
+            steps = sorted(s for r in plain for s in r.step_s[1:])
+            prof["step_ms_unprofiled"] = 1000 * steps[len(steps) // 2]
+            prof["e2e_s_unprofiled"] = sorted(r.total_s for r in plain)[1]
+            out[name] = prof
+            self.save()
+        fast_attention.uninstall(pipe.transformer)
+        self.pipe = None
+        return out
+
     def fp8_refusal(self) -> str | None:
         from zimage_turbo.engine.errors import Fp8UnsupportedError
         from zimage_turbo.engine.sampling import fp8_mode
@@ -660,6 +683,7 @@ class Fp8Cost:
         self.section("env", self.s_env)
         self.section("bf16", self.s_bf16)
         self.section("anatomy", self.s_anatomy)
+        self.section("eager_anatomy", self.s_eager_anatomy)
         self.section("fp8", self.s_fp8)
         self.section("sizes_fp8", lambda: self.s_sizes_ours(True))
         self.section("fp8_lora", self.s_fp8_lora)  # its first LoRA compiles the adapter variant: after the curve
@@ -805,6 +829,7 @@ def render(res: dict) -> str:
                   f"({', '.join(_f(x, '{:.1f}') for x in q.get('psnr_db', []))})",
                   f"- SSIM: mean {_f(q.get('ssim_mean'), '{:.4f}')} ({q.get('metrics')})", ""]
     lines += render_anatomy(s.get("anatomy") or {})
+    lines += render_eager_anatomy(s.get("eager_anatomy") or {})
     lo = s.get("fp8_lora") or {}
     if lo and "strength_change_ms" in lo:
         fr = lo.get("fold_requant") or {}
@@ -839,6 +864,30 @@ def render(res: dict) -> str:
         if res.get(key):
             lines += [f"## {key}", ""] + [f"- {k}: {str(v).splitlines()[0][:300]}" for k, v in res[key].items()] + [""]
     return "\n".join(lines)
+
+
+KIND_ORDER = ("gemm", "attention", "conv", "triton_fused", "copy", "other")
+
+
+def render_eager_anatomy(a: dict) -> list[str]:
+    if not a:
+        return []
+    lines = ["## The eager bf16 step (first images, and images while the background compile runs)", "",
+             "| | " + " | ".join(KIND_ORDER) + " | GPU busy | step wall (profiled) | idle | step unprofiled (ms) "
+             "| end to end unprofiled (s) |", "|---|" + "---:|" * (len(KIND_ORDER) + 5)]
+    for name, p in a.items():
+        if not isinstance(p, dict) or "per_step_ms" not in p:
+            continue
+        ps = p["per_step_ms"]
+        lines.append(f"| {name} | " + " | ".join(_f(ps.get(k), "{:.1f}") for k in KIND_ORDER)
+                     + f" | {_f(p.get('busy_ms_per_step'), '{:.1f}')} | {_f(p.get('step_wall_ms'), '{:.1f}')} | "
+                     f"{_f(p.get('idle_ms_per_step'), '{:.1f}')} | {_f(p.get('step_ms_unprofiled'), '{:.1f}')} | "
+                     f"{_f(p.get('e2e_s_unprofiled'), '{:.3f}')} |")
+    for name, p in a.items():
+        if isinstance(p, dict) and p.get("top_kernels_per_step"):
+            lines.append(f"- {name}, top kernels per step: " + "; ".join(
+                f"{x['name'][:60]} ({x['kind']}) {_f(x['ms'], '{:.2f}')} ms" for x in p["top_kernels_per_step"][:8]))
+    return lines + [""]
 
 
 def render_anatomy(a: dict) -> list[str]:
