@@ -72,6 +72,11 @@ def compiled_calls(on: bool):
         _local.on = prev
 
 
+def running_compiled() -> bool:
+    """Does this thread run our regions' compiled code now (see compiled_calls)?"""
+    return getattr(_local, "on", False)
+
+
 def _regions(module: nn.Module, class_suffix: str) -> list[nn.Module]:
     return [m for m in module.modules() if type(m).__name__.endswith(class_suffix)]
 
