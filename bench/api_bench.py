@@ -21,8 +21,9 @@ Servers and what each measures (section names for --only in brackets):
             styled steady, switching, concurrency.
   [preload] ours with ZIMAGE_TURBO_PRELOAD (and the warm caches): waits until GET /zimage_turbo/status says the
             preload is ready, then the first image and the first styled image.
-  [pairs]   (not by default) --pairs N rounds of one native server and one of ours (empty compile caches), in
-            alternating order, each: first image from launch, first styled image, stop. A server's start-up varied
+  [pairs]   (not by default) --pairs N rounds of one native server (plain ComfyUI: this package NOT installed) and
+            one of ours (empty compile caches), in alternating order, each: first image from launch, first styled
+            image, stop. A server's start-up varied
             12.7-19.6 s on one H100 with the same start-up code; interleaved rounds compare like with like.
 Ours needs three servers: the cold one spends its life compiling in the background, so its steady figures would
 not be steady; the warm restart is the normal life of a server and gets compiled code from the cache quickly. One
@@ -326,11 +327,14 @@ class Server:
 
 
 def launch(name: str, system: str, base_dir: Path, setup: soak.ModelSetup, *, cpu: bool, front_end: Path,
-           log_path: Path, env: dict, timeout: float = 600) -> Server:
-    """Start a server; `ready_s` is measured from just before the process is spawned, the API polled every 50 ms."""
+           log_path: Path, env: dict, timeout: float = 600, link_pack: bool = True) -> Server:
+    """Start a server; `ready_s` is measured from just before the process is spawned, the API polled every 50 ms.
+
+    link_pack=False: this package is not in the server's custom_nodes (plain ComfyUI; give it a base_dir of its own).
+    """
     comfy = ComfyServer(base_dir, cpu=cpu, extra_args=["--front-end-root", str(front_end), "--output-directory",
                                                        str(Path(base_dir) / "output")],
-                        log_path=log_path, env=env)
+                        log_path=log_path, env=env, link_pack=link_pack)
     comfy.prepare()
     setup.place(Path(base_dir) / "models")
     server = Server(name, system, comfy)
@@ -563,13 +567,13 @@ class ApiBench:
             out.append(self.image(server, graphs, section, lora))
         return out
 
-    def start(self, name: str, system: str, base: Path, env: dict) -> Server:
+    def start(self, name: str, system: str, base: Path, env: dict, link_pack: bool = True) -> Server:
         env = dict(env)
         if self.s.server_threads:
             env.update(OMP_NUM_THREADS=str(self.s.server_threads), MKL_NUM_THREADS=str(self.s.server_threads))
         log_path = self.logs_dir / f"comfyui.{name}.log"
         server = launch(name, system, base, self.setup, cpu=self.cpu, front_end=self.front_end, log_path=log_path,
-                        env=env, timeout=min(600.0, max(60.0, self.budget.left())))
+                        env=env, timeout=min(600.0, max(60.0, self.budget.left())), link_pack=link_pack)
         self.servers.append(server)
         server.info = {"ready_s": round(server.ready_s, 3), "log": str(log_path), "env": {
             k: v for k, v in env.items() if k.startswith(("ZIMAGE", "TORCHINDUCTOR", "TRITON", "OMP", "MKL"))}}
@@ -916,8 +920,8 @@ class ApiBench:
                             shutil.rmtree(folder, ignore_errors=True)
                             folder.mkdir(parents=True)
                         server = self.start(name, "ours", self.workdir / "ours", self.ours_env())
-                    else:
-                        server = self.start(name, "native", self.workdir / "native", {})
+                    else:  # plain ComfyUI: without this package (and its start-up imports) in custom_nodes
+                        server = self.start(name, "native", self.workdir / "native_plain", {}, link_pack=False)
                     holder["server"] = server
                     first = self.image(server, graphs, "pair_first", None)
                     styled = self.image(server, graphs, "pair_first_lora", self.loras[0]["file"])
@@ -1080,6 +1084,8 @@ def render_markdown(r: dict) -> str:
     pairs = r.get("first_image_pairs") or []
     if pairs:
         lines += ["", "## First image after a start: interleaved pairs", "",
+                  "_Native: plain ComfyUI (this package not installed); ours: empty compile caches. Each server is "
+                  "started, makes its first image and first styled image, and is stopped; the order alternates._", "",
                   "| round | order | native: ready / first image from launch / after POST / first styled (s) | "
                   "ours (empty compile caches): the same (s) |", "|---:|---|---|---|"]
 
