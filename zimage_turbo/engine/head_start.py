@@ -12,9 +12,11 @@ lazily, on first use, from libraries of hundreds of MB.
 So: the node pack starts the imports once ComfyUI has imported every custom node (not earlier: another
 pack importing diffusers at the same moment could fail, see below), and a pipeline that loads on CUDA
 starts the library warm-up while its weights are read (reading waits on I/O and releases the GIL; so do most of
-the library loads). One thread runs every job, most urgent first (model classes, then CUDA libraries,
-then the compiler, which the first image never waits for). The loader waits for the model-class job
-instead of importing them itself: diffusers' and transformers' lazy modules are not safe to import from
+the library loads). The loader reads the files beside the model-class import and only then waits for it. One
+thread runs every job, most urgent first (model classes, then CUDA libraries, then the compiler: only for compile
+"on", whose first image compiles; by default the first image runs eagerly and the background compile imports the
+compiler after it, since beside the first image that import cost it 3.8 s on an H100). The loader waits for the
+model-class job instead of importing them itself: diffusers' and transformers' lazy modules are not safe to import from
 two threads at once (seen on the GPU machine: "cannot import name 'ZImageTransformer2DModel' from
 'diffusers'" while the head-start thread was inside the same import). Each job runs once per process; a job that fails is logged and
 left to the code that needs it, which raises where a user sees it.
