@@ -2,7 +2,8 @@
 
 Two servers of their own, started side by side (the preload is read once, at start):
 - `good`: ZIMAGE_TURBO_PRELOAD names a JSON file with the e2e graph's loader settings;
-- `bad`: zimage_turbo_preload.json in ComfyUI's user folder holds a key the loader does not have.
+- `bad`: zimage_turbo_preload.json in ComfyUI's user folder holds a key the loader does not have; it also runs with
+  ZIMAGE_TURBO_HEAD_START=0 (no background import of the model classes at the start).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def servers(tiny, tmp_path_factory):
     conf = tmp_path_factory.mktemp("preload_conf") / "preload.json"
     conf.write_text(json.dumps(SETTINGS))
     good = ComfyServer(tmp_path_factory.mktemp("preload_good"), env={"ZIMAGE_TURBO_PRELOAD": str(conf)})
-    bad = ComfyServer(tmp_path_factory.mktemp("preload_bad"))
+    bad = ComfyServer(tmp_path_factory.mktemp("preload_bad"), env={"ZIMAGE_TURBO_HEAD_START": "0"})
     for server in (good, bad):
         server.prepare()
         place(server.base_dir / "models", tiny["built"])
@@ -146,3 +147,17 @@ def test_post_preload_answers_at_once_and_loads_in_the_background(servers):
     assert settled(bad)["preload"]["state"] == "off"
     code, body = bad.client.post("/zimage_turbo/preload", None)
     assert code == 400 and "unknown key(s) 'modle'" in body["error"]
+
+
+def test_the_head_start_can_be_turned_off(servers):
+    """ZIMAGE_TURBO_HEAD_START=0: the server does not import the model classes after its start (for servers that
+    never run a Z-Image graph); a loader still imports them when it runs (test above: the bad server serves)."""
+    bad, good = servers["bad"].log_text(), servers["good"].log_text()
+    assert "ZIMAGE_TURBO_HEAD_START is off: the model classes are imported at the first load" in bad
+    before_any_prompt = bad.split("got prompt")[0]
+    assert "head start model_classes done" not in before_any_prompt
+    assert "ZIMAGE_TURBO_HEAD_START is off" not in good
+    deadline = time.monotonic() + 120  # the good server's head start (and its preload) import them at the start
+    while "head start model_classes done" not in servers["good"].log_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)

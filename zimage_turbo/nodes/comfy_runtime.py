@@ -19,22 +19,35 @@ import comfy.utils
 from comfy.patcher_extension import CallbacksMP
 
 from ..engine import api
-from . import comfy_paths
+from . import comfy_paths, constants
 
 log = logging.getLogger("zimage_turbo")
 # ZIMAGE_TURBO_CACHE_DIR, when set, wins over this (engine/compile_cache.py).
 api.configure_compile_cache(comfy_paths.compile_cache_dir())
 
 
+def head_start_wanted(environ=None) -> bool:
+    """False when ZIMAGE_TURBO_HEAD_START says 0/off/false/no: a server that never runs a Z-Image graph then pays
+    neither the import's CPU after its start (4-7 s on a GPU host) nor the memory of diffusers' model classes."""
+    import os
+
+    value = (os.environ if environ is None else environ).get(constants.HEAD_START_ENV, "").strip().lower()
+    return value not in ("0", "off", "false", "no")
+
+
 def start_imports_with_server() -> None:
     """Once ComfyUI has imported every custom node, import the model classes on a background thread: the first
     image then need not. Not torch's compiler: by default the first image runs eagerly and the compile comes after
     it (warmup.py); imported beside the first image, the compiler took the interpreter from it (H100: a cold first
-    image waited 3.8 s for it).
+    image waited 3.8 s for it). ZIMAGE_TURBO_HEAD_START=0 turns this off (head_start_wanted).
 
     Not at our own import: a pack imported after ours could be importing diffusers at that very moment.
     Without a running server (the pack used as a library, tests) it does nothing; loading imports on demand.
     """
+    if not head_start_wanted():
+        log.info("Z-Image Turbo: %s is off: the model classes are imported at the first load",
+                 constants.HEAD_START_ENV)
+        return
     try:
         from server import PromptServer
 

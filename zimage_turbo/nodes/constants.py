@@ -11,6 +11,8 @@ COMMON_LORA_STACK_TYPE = "LORA_STACK"
 CLIP_STRENGTH_NOTE = ("clip_strength has no meaning here: Z-Image's text encoder is not LoRA-patched, only the "
                       "transformer is (with model_strength).")
 REPORT_TYPE = "ZIMAGE_TURBO_REPORT"  # what one generation cost, sampler -> probe
+# 0 / off / false / no: no background import of the model classes when the server starts (comfy_runtime.py)
+HEAD_START_ENV = "ZIMAGE_TURBO_HEAD_START"
 
 # Node ids (saved in workflows: never rename) and the names shown in the editor.
 DISPLAY_NAMES = {
