@@ -811,10 +811,14 @@ class ApiBench:
         text = server.comfy.log_text()
         server.info["lora_key_not_loaded_lines"] = text.count("lora key not loaded")
 
-    def run_cold(self) -> None:
+    def empty_caches(self) -> None:
+        """Our compile caches (ours and inductor's) emptied: the next server of ours starts cold."""
         for folder in self.cache.values():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
+
+    def run_cold(self) -> None:
+        self.empty_caches()
         holder: dict = {}
 
         def start_and_first():
@@ -916,9 +920,7 @@ class ApiBench:
 
                 def start_and_first(system=system, name=name, graphs=graphs, holder=holder):
                     if system == "ours":
-                        for folder in self.cache.values():
-                            shutil.rmtree(folder, ignore_errors=True)
-                            folder.mkdir(parents=True)
+                        self.empty_caches()
                         server = self.start(name, "ours", self.workdir / "ours", self.ours_env())
                     else:  # plain ComfyUI: without this package (and its start-up imports) in custom_nodes
                         server = self.start(name, "native", self.workdir / "native_plain", {}, link_pack=False)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import acceleration  # (acceleration imports this module too: only its functions are used, at call time)
+
 BLOCK_CLASS = "ZImageTransformerBlock"
 
 
@@ -30,10 +32,8 @@ class _RealRope:
         self.inner = inner
 
     def __call__(self, ids):
-        from .acceleration import running_compiled  # (acceleration imports this module)
-
         freqs = self.inner(ids)  # outside the compiled blocks: always run eagerly
-        return torch.view_as_real(freqs) if running_compiled() else freqs
+        return torch.view_as_real(freqs) if acceleration.running_compiled() else freqs
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
