@@ -7,6 +7,7 @@
 #   bench/gpu_run.sh check     python -m zimage_turbo check on the true-size files (header only)
 #   bench/gpu_run.sh soak:ARGS bench/soak.py --root <model> ARGS (commas for spaces), results to $OUT
 #   bench/gpu_run.sh determinism  compiled images in several cold processes, deterministic mode on vs off
+#   bench/gpu_run.sh importprof bench/import_profile.py: the head start's import after ComfyUI's start (no model built)
 #   bench/gpu_run.sh loadprof  bench/load_profile.py: CUDA start-up, reader throughput, each loader part
 #   bench/gpu_run.sh fp8:ARGS  bench/fp8_cost.py (bf16 vs fp8 (fast), cost curve over sizes; lists with +)
 #   bench/gpu_run.sh lora      bench/lora_paths.py: LoRA cost per step / switch, merged vs adapters
@@ -40,7 +41,9 @@ PYEOF
     rm -f .build/ComfyUI/extra_model_paths.yaml
 fi
 ROOT=/tmp/zfull
-if [ ! -f $ROOT/manifest.json ]; then
+needs_model=0
+for what in "$@"; do case "$what" in importprof) ;; *) needs_model=1 ;; esac; done
+if [ $needs_model = 1 ] && [ ! -f $ROOT/manifest.json ]; then
     start=$(date +%s)
     python3 -m bench.build_model --root $ROOT > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
     echo "model built in $(( $(date +%s) - start )) s"
@@ -74,6 +77,14 @@ for what in "$@"; do
             python3 -c "from devtools import model_builder as m; m.build_random_model('$d/model', 'zit_tiny', m.TINY, seed=0)" 2>>$OUT/determinism.err
             run_det det1 indA blobA ab 1; run_det det2 indB blobB ba 1; run_det det3 indC blobC ab 1
             run_det off1 indD blobD ab 0; run_det off2 indE blobE ba 0
+            ;;
+        importprof)
+            # bench/import_profile.py: the head start's import after ComfyUI's start (twice: the first writes the
+            # .pyc files pip's --no-compile left out), then -X importtime's module list, then cProfile's functions.
+            for tag in first second; do python3 -m bench.import_profile --comfyui .build/ComfyUI --out $OUT --tag $tag 2>>$OUT/importprof.err | tail -1; done
+            python3 -X importtime -m bench.import_profile --comfyui .build/ComfyUI --out $OUT --tag importtime 2>$OUT/importtime.raw | tail -1
+            sed -n '/== zimage head-start import ==/,/== done ==/p' $OUT/importtime.raw > $OUT/importtime.txt; rm -f $OUT/importtime.raw
+            python3 -m bench.import_profile --comfyui .build/ComfyUI --out $OUT --tag cprofile --cprofile 2>>$OUT/importprof.err | tail -1
             ;;
         loadprof)
             python3 -m bench.load_profile --root $ROOT --out $OUT 2>&1 | tee $OUT/load_profile.log | tail -60
