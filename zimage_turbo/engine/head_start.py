@@ -13,9 +13,12 @@ So: the node pack starts the imports once ComfyUI has imported every custom node
 pack importing diffusers at the same moment could fail, see below), and a pipeline that loads on CUDA
 starts the library warm-up while its weights are read (reading waits on I/O and releases the GIL; so do most of
 the library loads). The loader reads the files beside the model-class import and only then waits for it. One
-thread runs every job, most urgent first (model classes, then CUDA libraries, then the compiler: only for compile
-"on", whose first image compiles; by default the first image runs eagerly and the background compile imports the
-compiler after it, since beside the first image that import cost it 3.8 s on an H100). The loader waits for the
+thread runs the imports, most urgent first (model classes, then the compiler: only for compile "on", whose first
+image compiles; by default the first image runs eagerly and the background compile imports the compiler after it,
+since beside the first image that import cost it 3.8 s on an H100). The CUDA library warm-up has a thread of its
+own: queued behind the import (4.5-6.5 s on an H100 host, bench/import_profile.py) it ran after the weights were
+read, beside the first text encode and step, which then paid for the libraries' loading; torch releases the GIL
+while a library loads, so beside the import it costs the import almost nothing. The loader waits for the
 model-class job instead of importing them itself: diffusers' and transformers' lazy modules are not safe to import from
 two threads at once (seen on the GPU machine: "cannot import name 'ZImageTransformer2DModel' from
 'diffusers'" while the head-start thread was inside the same import). Each job runs once per process; a job that fails is logged and
@@ -36,7 +39,7 @@ log = logging.getLogger("zimage_turbo")
 
 _LOCK = threading.Lock()
 _JOBS: queue.PriorityQueue = queue.PriorityQueue()
-_ORDER = {"model_classes": 0, "cuda_libraries": 1, "compiler": 2}
+_ORDER = {"model_classes": 0, "compiler": 2}  # jobs of the import thread, most urgent first
 _count = [0]
 _STARTED: set[str] = set()
 _DONE: dict[str, threading.Event] = {}
@@ -62,12 +65,28 @@ def _run() -> None:
             _DONE[name].set()
 
 
-def _submit(name: str, job: Callable[[], None]) -> threading.Event:
+def _run_alone(name: str, job: Callable[[], None]) -> None:
+    t0 = time.perf_counter()
+    try:
+        job()
+    except Exception as exc:  # noqa: BLE001 - the code that needs it raises it where a user sees it
+        log.debug("zimage_turbo head start %s failed: %s", name, exc)
+    finally:
+        TIMINGS[name] = time.perf_counter() - t0
+        log.info("zimage_turbo: head start %s done in %.2f s", name, TIMINGS[name])
+        _DONE[name].set()
+
+
+def _submit(name: str, job: Callable[[], None], own_thread: bool = False) -> threading.Event:
+    """Run `job` once per process: on the import thread (by _ORDER), or at once on a thread of its own."""
     with _LOCK:
         if name in _STARTED:
             return _DONE[name]
         _STARTED.add(name)
         _DONE[name] = threading.Event()
+        if own_thread:
+            threading.Thread(target=_run_alone, args=(name, job), name=f"zimage-turbo-{name}", daemon=True).start()
+            return _DONE[name]
         if not _THREAD:
             t = threading.Thread(target=_run, name="zimage-turbo-head-start", daemon=True)
             _THREAD.append(t)
@@ -130,4 +149,4 @@ def warm_cuda_libraries(device) -> threading.Event:
                     torch.nn.functional.group_norm(x, 4)
             stream.synchronize()
 
-    return _submit(f"cuda_libraries:{device}", job)
+    return _submit(f"cuda_libraries:{device}", job, own_thread=True)
