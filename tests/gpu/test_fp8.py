@@ -154,6 +154,15 @@ def test_fp8_with_the_text_encoder_offloaded(tiny, fresh_engine, cuda0):
     out = pipe.generate(REQ)
     assert torch.isfinite(out.images).all()
     assert all(p.device.type == "cpu" for layer in pipe.text_encoder.layers for p in layer.parameters())
+    # The fp8 text encoder's plain fp8 weights stream like bf16 ones: the same image as with them resident.
+    assert fp8_mode.text_encoder_fp8_layers(pipe.text_encoder) == 7 * len(pipe.text_encoder.layers)
+    assert pipe.text_encoder.layers[0].mlp.up_proj.weight.is_pinned()
+    pipe.testate.embeddings.clear()  # the prompt is encoded again, by the resident encoder
+    resident = pipe.generate(REQ, memory="resident")
+    assert not resident.report.embedding_cache_hit
+    assert all(p.device == cuda0 for p in pipe.text_encoder.layers.parameters())
+    pipe.testate.embeddings.clear()
+    assert torch.equal(resident.images, out.images) and torch.equal(pipe.generate(REQ).images, out.images)
     with pytest.raises(api.Fp8UnsupportedError, match="low_vram"):
         pipe.generate(REQ, memory="low_vram")
 
@@ -163,7 +172,9 @@ FULL = os.environ.get("ZIMAGE_FULL_ROOT")
 
 @FP8
 @pytest.mark.skipif(not FULL, reason="set ZIMAGE_FULL_ROOT to the true-size model folder (bench/build_model.py)")
-@pytest.mark.parametrize("memory,budget_gib", [("offload_text_encoder", 14.0), ("resident", 18.0)])
+# Issue 11's target: resident with fp8 weights within 14 GiB (a 16 GB card). The text encoder's fp8 weights
+# (weight-only) bring it there; in bf16 it alone is 7.5 GiB beside the fp8 transformer (16.6 GiB measured).
+@pytest.mark.parametrize("memory,budget_gib", [("offload_text_encoder", 14.0), ("resident", 14.0)])
 def test_true_size_fp8_memory(fresh_engine, cuda0, memory, budget_gib):
     root = Path(FULL)
     src_full = SplitFiles(root / "diffusion_models" / "z_image_turbo_bf16.safetensors",
@@ -174,9 +185,12 @@ def test_true_size_fp8_memory(fresh_engine, cuda0, memory, budget_gib):
     assert len(chosen.fp8) == 28 * 7
     transformer_bytes = sum(fp8_mode.tensor_bytes(p) for p in pipe.transformer.parameters())
     assert transformer_bytes < 8e9  # 12.3 GB in bf16
+    te_bytes = sum(fp8_mode.tensor_bytes(p) for p in pipe.text_encoder.parameters())
+    assert fp8_mode.text_encoder_fp8_layers(pipe.text_encoder) == 7 * 35 and te_bytes < 4.5e9  # 8.0 GB in bf16
     pipe.generate(GenerationRequest("a lighthouse at dusk, 灯塔", width=1024, height=1024, seed=1))
     device_stats.reset_peak(cuda0)
     rep = pipe.generate(GenerationRequest("another prompt, 新的提示", width=1024, height=1024, seed=2)).report
     peak = rep.torch_memory["peak_allocated_bytes"] / GIB
-    print(f"fp8 {memory}: peak {peak:.2f} GiB, transformer {transformer_bytes / GIB:.2f} GiB, {rep.mean_step_s * 1e3:.1f} ms/step")
+    print(f"fp8 {memory}: peak {peak:.2f} GiB, transformer {transformer_bytes / GIB:.2f} GiB, text encoder "
+          f"{te_bytes / GIB:.2f} GiB, {rep.mean_step_s * 1e3:.1f} ms/step, text encode {rep.text_encode_s * 1e3:.1f} ms")
     assert peak <= budget_gib

@@ -95,7 +95,7 @@ def test_quality_only_on_a_users_files(tiny, fresh_engine, tmp_path, monkeypatch
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox in the snow\n\n一只猫\n")
     argv = ["--quality-only", "--model", str(tiny["built"].diffusers_dir), "--out", str(tmp_path / "q"), "--size", "64",
-            "--seeds", "1,2", "--prompts", str(prompts), "--policy", "all_blocks,default", "--work", str(tmp_path / "w")]
+            "--seeds", "1,2", "--prompts", str(prompts), "--policy", "all_blocks,default,bf16_text_encoder", "--work", str(tmp_path / "w")]
     with pytest.raises(SystemExit, match="fp8 tensor cores"):  # a CPU: refused before anything loads
         fp8_cost.main(argv)
     try:
@@ -110,6 +110,10 @@ def test_quality_only_on_a_users_files(tiny, fresh_engine, tmp_path, monkeypatch
     q = res["sections"]["quality_all_blocks"]
     assert len(q["psnr_db"]) == len(q["ssim"]) == len(q["latent_rel_err"]) == 4  # 2 prompts x 2 seeds
     assert res["fp8_psnr_db"] == q["psnr_db_mean"] and 0 < res["fp8_latent_rel_err"] < 0.3
-    assert res["sections"]["quality_default"]["latent_rel_err_mean"] == 0  # the tiny model: default keeps both blocks
+    # The tiny model has 2 main blocks, both kept by the default: its whole difference is the text encoder's fp8
+    # weights, and without those it is bf16 exactly.
+    err = {p: res["sections"][f"quality_{p}"]["latent_rel_err_mean"] for p in ("default", "bf16_text_encoder")}
+    assert err["bf16_text_encoder"] == 0 and 0 < err["default"] < q["latent_rel_err_mean"], err
     images = sorted(p.name for p in path.with_name(path.stem + "-images").glob("*.png"))
-    assert images[:3] == ["00-bf16.png", "00-fp8-all_blocks.png", "00-fp8-default.png"] and len(images) == 12
+    assert images[:4] == ["00-bf16.png", "00-fp8-all_blocks.png", "00-fp8-bf16_text_encoder.png",
+                          "00-fp8-default.png"] and len(images) == 16

@@ -234,8 +234,11 @@ def test_bf16_and_fp8_loaders_of_the_same_files_take_turns(tiny, fresh_engine, f
     bf16_image = first.generate(REQ).images
     loads = COMPONENTS.loads
     fp8 = get_pipeline(source, CPU, torch.bfloat16, "resident", "off", fp8=EVERYTHING)
-    assert COMPONENTS.loads == loads  # made from the loaded bf16 weights in place: nothing read again
+    # The transformer is made fp8 from the loaded bf16 weights in place; only the text encoder is read again (its
+    # fp8-weight form is a cache entry of its own; the bf16 one, no longer used, is dropped).
+    assert COMPONENTS.loads == loads + 1
     assert fp8.transformer is first.transformer and fp8.tstate is not first.tstate
+    assert fp8.text_encoder is not first.text_encoder and fp8_mode.text_encoder_fp8_layers(fp8.text_encoder) > 0
     with pytest.raises(InvalidSettingError, match="queue the prompt again"):
         first.generate(REQ)  # retired: its weights are fp8 now
     fp8_image = fp8.generate(REQ).images
@@ -247,9 +250,62 @@ def test_bf16_and_fp8_loaders_of_the_same_files_take_turns(tiny, fresh_engine, f
     del first, fp8
     again = get_pipeline(source, CPU, torch.bfloat16, "resident", "off")
     assert old_weights() is None  # the fp8 weights were freed (before the file was read again)
-    assert COMPONENTS.loads == loads + 1  # bf16 again: the transformer is read again (fp8 cannot be undone)
+    assert COMPONENTS.loads == loads + 3  # bf16 again: transformer and text encoder read again (fp8 cannot be undone)
+    assert fp8_mode.text_encoder_fp8_layers(again.text_encoder) == 0
     assert fp8_mode.policy_of(again.transformer) is None
     assert torch.equal(again.generate(REQ).images, bf16_image)
     assert [p.dtype for p in api.loaded()] == ["bf16"]
     other = get_pipeline(source, CPU, torch.bfloat16, "resident", "off", fp8=fp8_mode.POLICIES["all_blocks"])
     assert torch.isfinite(other.generate(REQ).images).all()
+
+
+# ------------------------------------------------------- the text encoder
+
+
+def test_text_encoder_fp8_linear_rounds_each_row_to_e4m3_and_keeps_zero_rows_exact():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight[5] = 0
+        lin.weight[7] *= 1000  # rows of very different sizes get scales of their own
+    q = fp8_mode.TextEncoderFp8Linear(lin)
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.shape == (48, 1) and not q.weight.requires_grad
+    w = lin.weight.float()
+    deq = q.dequantized(torch.float32)
+    assert torch.equal(deq[5], torch.zeros(64))
+    rel = ((deq - w).abs() / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)).amax()
+    assert 0 < rel <= 2 ** -4 * 1.01, rel  # e4m3 keeps 3 mantissa bits: within half a step of each row's values
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(q(x), torch.nn.functional.linear(x, q.dequantized(torch.bfloat16), lin.bias))
+    assert q.dequantized(torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_the_fp8_text_encoder_has_fp8_weights_and_encodes_close_to_bf16(tiny, fresh_engine, fp8_on_cpu):
+    bf16 = get_pipeline(src(tiny), CPU, torch.bfloat16, "resident", "off")
+    ref = bf16.encode(REQ.prompt)[0].clone()
+    te_bf16_bytes = sum(fp8_mode.tensor_bytes(t) for t in bf16.text_encoder.parameters())
+    pipe = get_pipeline(src(tiny), CPU, torch.bfloat16, "resident", "off", fp8=EVERYTHING)
+    n_layers = len(pipe.text_encoder.layers)
+    assert fp8_mode.text_encoder_fp8_layers(pipe.text_encoder) == 7 * n_layers
+    for layer in pipe.text_encoder.layers:
+        assert layer.self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+        assert layer.input_layernorm.weight.dtype == torch.bfloat16  # norms stay
+    assert pipe.text_encoder.embed_tokens.weight.dtype == torch.bfloat16  # the embedding table stays
+    te_bytes = sum(fp8_mode.tensor_bytes(t) for t in pipe.text_encoder.parameters())
+    assert te_bytes < te_bf16_bytes
+    out = pipe.generate(REQ)
+    assert torch.isfinite(out.images).all()
+    assert "text encoder: " in out.report.fp8 and "fp8 e4m3 weights" in out.report.fp8
+    got = pipe.encode(REQ.prompt)[0]
+    rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert 0 < rel < 0.1, rel  # fp8 weights: close to the bf16 encoder's output, not equal
+
+
+def test_a_policy_without_the_text_encoder_keeps_it_bf16_and_shared(tiny, fresh_engine, fp8_on_cpu):
+    bf16 = get_pipeline(src(tiny), CPU, torch.bfloat16, "resident", "off")
+    te = bf16.text_encoder
+    keep_te = fp8_mode.Fp8Policy(name="test_te_bf16", keep_first=0, keep_last=0, text_encoder=False)
+    pipe = get_pipeline(src(tiny), CPU, torch.bfloat16, "resident", "off", fp8=keep_te)
+    assert pipe.text_encoder is te and fp8_mode.text_encoder_fp8_layers(te) == 0
+    assert "text encoder in bf16" in pipe.generate(REQ).report.fp8
+    assert not fp8_mode.POLICIES["conservative"].text_encoder and fp8_mode.POLICIES["default"].text_encoder

@@ -502,19 +502,26 @@ class LoadedComponents:
     keys: tuple[tuple, ...]
 
 
+def component_key(part: str, files: list[Path], dtype: torch.dtype, device: torch.device, variant: str = "") -> tuple:
+    """The cache key of one part. `variant` names a converted form kept apart from the loaded one (the fp8 mode's
+    text encoder: "fp8-weights"), so that a pipeline of the other precision never gets it."""
+    return (part, tuple(FileId.of(p) for p in files), DTYPE_NAMES[dtype] + (f"+{variant}" if variant else ""),
+            str(device))
+
+
 def load_components(source: ModelSource, device: torch.device, dtype: torch.dtype, te_on_host: bool,
-                    classes_ready: Callable[[], None] | None = None) -> LoadedComponents:
+                    classes_ready: Callable[[], None] | None = None, te_variant: str = "") -> LoadedComponents:
     """Load (or fetch from the cache) the three modules and the tokenizer for `source`.
 
     `classes_ready`: called between reading the tensors and building the modules (the head start's import of
-    the model classes is waited for there, engine/head_start.py).
+    the model classes is waited for there, engine/head_start.py). `te_variant`: the text encoder's cache variant
+    (component_key); it is loaded as usual, and the caller converts it.
     """
     files = source_files(source)
-    dname = DTYPE_NAMES[dtype]
     fresh = {}
 
     def key(part):
-        return (part, tuple(FileId.of(p) for p in files[part]), dname, str(device))
+        return component_key(part, files[part], dtype, device, te_variant if part == "text_encoder" else "")
 
     # The headers of every part that is not cached are read and checked before any part is loaded:
     # a text encoder that cannot be used is refused before minutes go into loading the transformer.

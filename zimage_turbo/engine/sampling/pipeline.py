@@ -24,7 +24,9 @@ from ..files.model_files import (
     CachedComponent,
     LoadedComponents,
     ModelSource,
+    component_key,
     load_components,
+    source_files,
 )
 from ..lora import LORA_FILES, LoraApplyReport, LoraManager, LoraSpec
 from ..model_config import (
@@ -151,7 +153,7 @@ class TurboPipeline:
         if fp8 is not None:  # fp8 layers compile to other kernels: their artifacts are kept apart
             signature += f"|fp8:{fp8!r}"
         self.cache_tag = compile_cache.tag(device, dtype, signature)
-        self.fp8_summary = fp8_mode.describe(self.transformer) if fp8 is not None else ""
+        self.fp8_summary = fp8_mode.describe(self.transformer, self.text_encoder) if fp8 is not None else ""
         self._graphs_saved = None
         if dtype == torch.float16:
             if not self.tstate.guards:
@@ -522,8 +524,10 @@ def get_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype, 
     # fp8: a transformer read now is quantised before the text encoder comes to the device (it is read into host
     # memory and moved at the first image), so loading never holds the bf16 transformer and the encoder at once.
     te_on_host = plan.text_encoder_loads_to_host or (fp8 is not None and plan.on_gpu)
+    # The fp8 text encoder's weights end where the memory mode wants the encoder: the GPU when resident.
+    te_keep_on = torch.device("cpu") if plan.text_encoder_loads_to_host or not plan.on_gpu else device
     with _REGISTRY_LOCK:
-        comps = _components(source, device, dtype, te_on_host, fp8, classes_ready)
+        comps = _components(source, device, dtype, te_on_host, fp8, classes_ready, te_keep_on)
         key = comps.keys if fp8 is None else comps.keys + (("fp8", fp8),)
         pipe = _PIPELINES.get(key)
         acceleration.check_compile_mode(compile_mode)  # reject a bad value before anything runs
@@ -544,22 +548,31 @@ IMPORT_WAIT_PART = "model classes (import)"  # the probe's load part for the wai
 RETIRE_WAIT_S = 300.0  # longest wait for a generation of a pipeline whose transformer changes precision
 
 
-def _components(source, device, dtype, te_on_host, fp8, classes_ready=None) -> LoadedComponents:
+TE_FP8_VARIANT = "fp8-weights"  # the cache variant of a text encoder with fp8 weights (model_files.component_key)
+
+
+def _components(source, device, dtype, te_on_host, fp8, classes_ready=None, te_keep_on=None) -> LoadedComponents:
     """The components for these files, with the transformer in the precision asked for (under _REGISTRY_LOCK).
 
     One transformer per set of files and device is kept, in one precision: fp8 is made from the loaded bf16
     weights in place (no second copy on the device), and bf16 comes back only by reading the file again (fp8
     cannot be undone exactly). Pipelines using it in the other precision are retired first: their loaders
-    load their own when they run next.
+    load their own when they run next. The text encoder of an fp8 policy with `text_encoder` is a cache entry of
+    its own (a bf16 pipeline never gets it); the other precision's encoder is dropped when the precision changes.
     """
-    comps = load_components(source, device, dtype, te_on_host, classes_ready)
+    te_variant = TE_FP8_VARIANT if fp8 is not None and fp8.text_encoder else ""
+    comps = load_components(source, device, dtype, te_on_host, classes_ready, te_variant)
     have = fp8_mode.policy_of(comps.transformer.module)
     if have == fp8:
+        _text_encoder_precision(comps, te_variant, device, te_keep_on)
         return comps
     import contextlib
 
     with contextlib.ExitStack() as held:
         _retire(comps.transformer, held)
+        other_te = component_key("text_encoder", source_files(source)["text_encoder"], dtype, device,
+                                             "" if te_variant else TE_FP8_VARIANT)
+        COMPONENTS.drop([other_te])  # the retired pipelines' encoder, if it was the other precision's
         if have is not None:
             key = comps.transformer.key
             comps.transformer.state = None
@@ -568,7 +581,7 @@ def _components(source, device, dtype, te_on_host, fp8, classes_ready=None) -> L
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            comps = load_components(source, device, dtype, te_on_host)
+            comps = load_components(source, device, dtype, te_on_host, te_variant=te_variant)
         if fp8 is not None:
             _plain_weights(comps.transformer)
             t0 = time.perf_counter()
@@ -576,7 +589,22 @@ def _components(source, device, dtype, te_on_host, fp8, classes_ready=None) -> L
             log.info("zimage_turbo: %s (%.1f s)", chosen.summary(), time.perf_counter() - t0)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        _text_encoder_precision(comps, te_variant, device, te_keep_on)
     return comps
+
+
+def _text_encoder_precision(comps: LoadedComponents, te_variant: str, device, keep_on) -> None:
+    """Convert a text encoder loaded for the fp8 variant (after the transformer is fp8: the peak stays low)."""
+    te = comps.text_encoder.module
+    if te_variant != TE_FP8_VARIANT or fp8_mode.text_encoder_fp8_layers(te):
+        return
+    t0 = time.perf_counter()
+    n = fp8_mode.quantize_text_encoder(te, device, keep_on if keep_on is not None else device)
+    comps.text_encoder.state = None  # prompt embeddings cached for the bf16 weights, if any, are not these
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log.info("zimage_turbo: text encoder: %d Linear layers with fp8 weights (%.1f s)", n, time.perf_counter() - t0)
 
 
 def _retire(transformer: CachedComponent, held) -> None:
