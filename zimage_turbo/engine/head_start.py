@@ -51,21 +51,14 @@ TIMINGS: dict[str, float] = {}
 def _run() -> None:
     while True:
         _, _, name, job = _JOBS.get()
-        t0 = time.perf_counter()
-        try:
-            # A loader reads the model files beside this job (load_components reads before it waits for the model
-            # classes): with the default switch interval each of the reader's returns to Python waits up to 5 ms.
-            with switch_interval.short():
-                job()
-        except Exception as exc:  # noqa: BLE001 - the code that needs it raises it where a user sees it
-            log.debug("zimage_turbo head start %s failed: %s", name, exc)
-        finally:
-            TIMINGS[name] = time.perf_counter() - t0
-            log.info("zimage_turbo: head start %s done in %.2f s", name, TIMINGS[name])
-            _DONE[name].set()
+        # A loader reads the model files beside this job (load_components reads before it waits for the model
+        # classes): with the default switch interval each of the reader's returns to Python waits up to 5 ms.
+        with switch_interval.short():
+            _run_one(name, job)
 
 
-def _run_alone(name: str, job: Callable[[], None]) -> None:
+def _run_one(name: str, job: Callable[[], None]) -> None:
+    """Run a job, time it, and set its event whatever happens."""
     t0 = time.perf_counter()
     try:
         job()
@@ -85,7 +78,7 @@ def _submit(name: str, job: Callable[[], None], own_thread: bool = False) -> thr
         _STARTED.add(name)
         _DONE[name] = threading.Event()
         if own_thread:
-            threading.Thread(target=_run_alone, args=(name, job), name=f"zimage-turbo-{name}", daemon=True).start()
+            threading.Thread(target=_run_one, args=(name, job), name=f"zimage-turbo-{name}", daemon=True).start()
             return _DONE[name]
         if not _THREAD:
             t = threading.Thread(target=_run, name="zimage-turbo-head-start", daemon=True)
