@@ -311,22 +311,7 @@ class Fp8Cost:
             peaks.append(peak_gib(self.device))
         return {"e2e_s": median(e2e), "e2e_all_s": e2e, "step_ms": median(steps) * 1000, "vae_ms": median(vae) * 1000,
                 "text_encode_ms": median(te) * 1000, "peak_gib": max(peaks) if peaks[0] is not None else None,
-                "compile_path": result.report.compile_path, "cuda_graphs": result.report.cuda_graphs,
-                "graph_captures": self.pipe.step_graphs.captures, "runs": len(e2e)}
-
-    def measure_without_graphs(self) -> dict:
-        """The same measurement with the step's CUDA graphs off (what they are worth, in the same run)."""
-        from zimage_turbo.engine.sampling import step_graphs
-
-        before = os.environ.get(step_graphs.ENV)
-        os.environ[step_graphs.ENV] = "0"
-        try:
-            return self.measure()
-        finally:
-            if before is None:
-                del os.environ[step_graphs.ENV]
-            else:
-                os.environ[step_graphs.ENV] = before
+                "compile_path": result.report.compile_path, "runs": len(e2e)}
 
     def first_call(self) -> dict:
         """The first image on a fresh pipeline: with compile "on" it waits for the compile (every padding case)."""
@@ -405,10 +390,8 @@ class Fp8Cost:
         out["lora"] = self.lora_switches()
         self.res["bf16_lora_switch_ms"] = out["lora"].get("switch_file_ms")
         r = out["at_size"]
-        out["at_size_without_cuda_graphs"] = g = self.measure_without_graphs()
         self.res.update(e2e_s=r["e2e_s"], step_ms=r["step_ms"], vae_ms=r["vae_ms"], peak_gib=r["peak_gib"],
-                        bf16_compile_s=out["first_call"]["compile_s"], e2e_s_without_cuda_graphs=g["e2e_s"],
-                        step_ms_without_cuda_graphs=g["step_ms"])
+                        bf16_compile_s=out["first_call"]["compile_s"])
         self.res["sizes"].append(self.size_entry("ours-bf16", self.size, 1, r))
         return out
 
@@ -472,10 +455,8 @@ class Fp8Cost:
         out["first_call"] = self.first_call()
         out["compile_cache_files"] = self.compile_cache_files()
         out["at_size"] = r = self.measure()
-        out["at_size_without_cuda_graphs"] = g = self.measure_without_graphs()
         self.res.update(fp8_e2e_s=r["e2e_s"], fp8_step_ms=r["step_ms"], fp8_vae_ms=r["vae_ms"],
-                        fp8_peak_gib=r["peak_gib"], fp8_compile_s=out["first_call"]["compile_s"],
-                        fp8_e2e_s_without_cuda_graphs=g["e2e_s"], fp8_step_ms_without_cuda_graphs=g["step_ms"])
+                        fp8_peak_gib=r["peak_gib"], fp8_compile_s=out["first_call"]["compile_s"])
         self.res["sizes"].append(self.size_entry("ours-fp8", self.size, 1, r))
         self.save()
         if self.refs is not None:
@@ -831,13 +812,6 @@ def render(res: dict) -> str:
               f"{_f(res.get('fp8_vae_ms'), '{:.1f} ms')} | {_f(res.get('fp8_peak_gib'), '{:.1f} GiB')} "
               f"(offload_text_encoder: {_f(res.get('fp8_offload_peak_gib'), '{:.1f} GiB')}) | "
               f"{_f(res.get('fp8_compile_s'), '{:.0f} s')} |", ""]
-    if res.get("e2e_s_without_cuda_graphs") or res.get("fp8_e2e_s_without_cuda_graphs"):
-        graphs = (s.get("bf16", {}).get("at_size") or s.get("fp8", {}).get("at_size") or {}).get("cuda_graphs", "")
-        lines += [f"- the step's CUDA graphs (step_graphs.py; last run: {graphs}): without them, same run: bf16 "
-                  f"{_f(res.get('e2e_s_without_cuda_graphs'), '{:.3f} s')} / "
-                  f"{_f(res.get('step_ms_without_cuda_graphs'), '{:.1f} ms')} a step, fp8 "
-                  f"{_f(res.get('fp8_e2e_s_without_cuda_graphs'), '{:.3f} s')} / "
-                  f"{_f(res.get('fp8_step_ms_without_cuda_graphs'), '{:.1f} ms')} a step", ""]
     fp8 = s.get("fp8", {})
     if fp8.get("summary"):
         lines += [f"- {fp8['summary']}", f"- transformer weights in fp8 mode: {_f(fp8.get('transformer_gib'))} GiB; "

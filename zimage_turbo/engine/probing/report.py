@@ -49,7 +49,6 @@ class RunReport:
     vae_fp32_fallback: bool = False
     compiled: bool = False  # the compiled code ran
     compile_path: str = ""  # eager (compile off) / eager (compiling in the background) / compiled / ...
-    cuda_graphs: str = ""  # replayed / not yet / capture failed (...) / off (why): step_graphs.py
     lora_slots_rebuilt: bool = False
     lora_path: str = ""  # merged (no cost per step) / adapters (beside the base layers) / "" (none on)
     lora_why_adapters: str = ""
@@ -155,8 +154,7 @@ class RunReport:
         if self.prompt_truncated:
             te_note += f", prompt TRUNCATED to {self.prompt_tokens} tokens"
         lines.append(f"text encode  {ms(self.text_encode_s)}   ({te_note})")
-        graphs = f", CUDA graphs {self.cuda_graphs}" if self.cuda_graphs else ""
-        lines.append(f"denoise      {ms(self.denoise_s)}   ({self.steps} steps, {self.mean_step_s * 1000:.1f} ms/step{graphs})")
+        lines.append(f"denoise      {ms(self.denoise_s)}   ({self.steps} steps, {self.mean_step_s * 1000:.1f} ms/step)")
         lines.append(
             f"VAE decode   {ms(self.vae_decode_s)}" + ("   (fp16 overflow: decoded in fp32)" if self.vae_fp32_fallback else "")
         )

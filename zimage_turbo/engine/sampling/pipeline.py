@@ -39,7 +39,7 @@ from ..model_config import (
 from ..probing import device_stats
 from ..probing.report import RunReport
 from .. import head_start
-from . import acceleration, compile_cache, fp8_mode, fp16_guard, step_graphs
+from . import acceleration, compile_cache, fp8_mode, fp16_guard
 from .placement import BlockStreamer, apply_plan, check_memory_mode, drop_streamers, plan_for
 from .warmup import CompileWarmup
 
@@ -149,7 +149,6 @@ class TurboPipeline:
         self.lock = threading.Lock()
         self.vae_fp32 = None
         self.warmup = CompileWarmup(self)
-        self.step_graphs = step_graphs.StepGraphs(device)
         signature = _shape_signature(self.transformer, self.text_encoder, self.vae)
         if fp8 is not None:  # fp8 layers compile to other kernels: their artifacts are kept apart
             signature += f"|fp8:{fp8!r}"
@@ -251,8 +250,6 @@ class TurboPipeline:
         apply_plan(plan, self.device, self.transformer, self.tstate, self.text_encoder, self.testate)
 
     def drop_streamers(self) -> None:
-        """Stop streaming (the pipeline is being released): its step graphs go too."""
-        self.step_graphs.clear()
         drop_streamers(self.testate, self.tstate)
 
     # ------------------------------------------------------------ text input
@@ -336,7 +333,6 @@ class TurboPipeline:
                 ) from None
 
     def _after_oom(self) -> None:
-        self.step_graphs.clear()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -385,14 +381,6 @@ class TurboPipeline:
         neg_hit = None
         if req.guidance:
             neg, neg_hit, _, _ = self.encode(req.negative_prompt)
-        # The denoiser call, replayed from a CUDA graph where one is valid (step_graphs.py says when); the weights'
-        # fingerprint is taken here, while the GPU runs the text encoder.
-        model, graphs = self._model, None
-        why_no_graphs = self.step_graphs.why_not(self, report.compiled)
-        if not why_no_graphs:
-            graphs = self.step_graphs.runner(
-                self._model, (self.lora_variant(), step_graphs.weights_fingerprint(self.transformer)))
-            model = graphs
         device_stats.synchronize(dev)
         report.text_encode_s = time.perf_counter() - t0
         report.prompt_tokens = n_tok
@@ -422,11 +410,11 @@ class TurboPipeline:
                 t = timesteps[i]
                 t_model = ((1000.0 - t.expand(B)) / 1000.0)
                 if neg is not None:
-                    pred = model(latents.repeat(2, 1, 1, 1), t_model.repeat(2), embeds)
+                    pred = self._model(latents.repeat(2, 1, 1, 1), t_model.repeat(2), embeds)
                     p, n = pred[:B], pred[B:]
                     pred = p + g * (p - n)
                 else:
-                    pred = model(latents, t_model, embeds)
+                    pred = self._model(latents, t_model, embeds)
                 latents = latents + (sigmas[i + 1] - sigmas[i]) * (-pred)
                 if cuda:
                     ev = torch.cuda.Event(enable_timing=True)
@@ -447,8 +435,6 @@ class TurboPipeline:
             if cuda and on_step:
                 on_step(req.steps, req.steps)
         report.denoise_s = time.perf_counter() - t0
-        report.cuda_graphs = (f"off ({why_no_graphs})" if graphs is None else
-                              graphs.note or ("replayed" if graphs.used else "not yet (captured at a shape's second call)"))
         if not bool(torch.isfinite(latents).all()):
             raise NonFiniteError(self._non_finite_message("the latents became NaN or infinite while denoising", req, lora_rep))
         if cuda:
