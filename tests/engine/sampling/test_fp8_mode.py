@@ -19,7 +19,7 @@ from devtools import lora_formats
 from devtools.model_builder import TINY, TINY_TRANSFORMER_CONFIG
 from zimage_turbo.engine import api
 from zimage_turbo.engine.errors import Fp8UnsupportedError, InvalidSettingError, LoraKeyError
-from zimage_turbo.engine.files.model_files import COMPONENTS, DiffusersFolder
+from zimage_turbo.engine.files.model_files import COMPONENTS, DiffusersFolder, SplitFiles
 from zimage_turbo.engine.lora import LoraSpec
 from zimage_turbo.engine.model_config import TRANSFORMER_CONFIG
 from zimage_turbo.engine.sampling import fp8_mode
@@ -309,3 +309,24 @@ def test_a_policy_without_the_text_encoder_keeps_it_bf16_and_shared(tiny, fresh_
     assert pipe.text_encoder is te and fp8_mode.text_encoder_fp8_layers(te) == 0
     assert "text encoder in bf16" in pipe.generate(REQ).report.fp8
     assert not fp8_mode.POLICIES["conservative"].text_encoder and fp8_mode.POLICIES["default"].text_encoder
+
+
+def test_an_encoder_shared_with_another_transformers_pipeline_is_kept_across_a_precision_change(
+        tiny, fresh_engine, fp8_on_cpu, tmp_path):
+    """Two transformer files beside one text encoder file: turning one of them fp8 must not drop the bf16 encoder
+    the other's pipeline still uses (the next bf16 loader would read it again and hold it twice)."""
+    built = tiny["built"]
+    second = tmp_path / "second_transformer.safetensors"
+    shutil.copyfile(built.transformer_file, second)
+    a_src = SplitFiles(built.transformer_file, built.text_encoder_file, built.vae_file, built.tokenizer_dir)
+    b_src = SplitFiles(second, built.text_encoder_file, built.vae_file, built.tokenizer_dir)
+    a = get_pipeline(a_src, CPU, torch.bfloat16, "resident", "off")
+    b = get_pipeline(b_src, CPU, torch.bfloat16, "resident", "off")
+    assert b.text_encoder is a.text_encoder and b.transformer is not a.transformer
+    fp8 = get_pipeline(b_src, CPU, torch.bfloat16, "resident", "off", fp8=EVERYTHING)  # b's transformer turns fp8
+    assert fp8_mode.text_encoder_fp8_layers(fp8.text_encoder) > 0 and fp8_mode.text_encoder_fp8_layers(a.text_encoder) == 0
+    loads = COMPONENTS.loads
+    back = get_pipeline(b_src, CPU, torch.bfloat16, "resident", "off")  # bf16 again: its transformer is read again
+    assert back.text_encoder is a.text_encoder  # the encoder a still holds, not a second copy
+    assert COMPONENTS.loads == loads + 1
+    assert torch.isfinite(back.generate(REQ).images).all() and torch.isfinite(a.generate(REQ).images).all()

@@ -572,7 +572,11 @@ def _components(source, device, dtype, te_on_host, fp8, classes_ready=None, te_k
         _retire(comps.transformer, held)
         other_te = component_key("text_encoder", source_files(source)["text_encoder"], dtype, device,
                                              "" if te_variant else TE_FP8_VARIANT)
-        COMPONENTS.drop([other_te])  # the retired pipelines' encoder, if it was the other precision's
+        # The retired pipelines' encoder, if it was the other precision's, unless a pipeline of other transformer
+        # files still uses it (the same encoder file beside two transformers): dropped from the cache while in use,
+        # it would be read again, and held twice, by the next loader of that precision.
+        if not any(other_te in p.comps.keys for p in _PIPELINES.values()):
+            COMPONENTS.drop([other_te])
         if have is not None:
             key = comps.transformer.key
             comps.transformer.state = None
