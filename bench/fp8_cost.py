@@ -920,11 +920,6 @@ def render_anatomy(a: dict) -> list[str]:
                   f"{_f(v.get('channels_last_eager_ms'), '{:.1f} ms')}, channels-last compiled "
                   f"{_f(v.get('channels_last_compiled_ms'), '{:.1f} ms')} (max diff "
                   f"{v.get('channels_last_max_abs_diff')})"]
-        if v.get("native_group_norm_compiled_ms") is not None:
-            lines += [f"- VAE decode compiled with torch's own GroupNorm traced (before group_norm.py): "
-                      f"{_f(v.get('native_group_norm_compiled_ms'), '{:.1f} ms')} (kernels: "
-                      + ", ".join(f"{k} {_f(x, '{:.1f}')}" for k, x in (v.get("native_group_norm_kernels_ms") or {}).items())
-                      + ")"]
     return lines + [""]
 
 

@@ -177,26 +177,6 @@ def vae_variants(pipe, size: int, cuda: bool, runs: int = 5) -> dict:
         out["as_run_kernels_ms"] = kinds
         with acceleration.compiled_calls(False):
             out["eager_ms"] = timed(lambda: vae.decode(lat, return_dict=False))
-        if cuda:
-            # The same compiled decoder with torch's own GroupNorm traced (before group_norm.py): what the two-level
-            # statistics are worth, in this run.
-            from zimage_turbo.engine.sampling import group_norm
-
-            plain = copy.deepcopy(vae.decoder)
-            plain._compiled_call_impl = None
-            group_norm.uninstall(plain)
-            cplain = torch.compile(plain, dynamic=True, options=acceleration._inductor_options())
-            with acceleration.tracing_context():
-                cplain(lat)
-                out["native_group_norm_compiled_ms"] = timed(lambda: cplain(lat))
-                with profile(activities=[ProfilerActivity.CUDA]) as prof2:
-                    cplain(lat)
-                    sync()
-            kinds2 = dict.fromkeys(KINDS, 0.0)
-            for name, us in _kernel_events(prof2, cuda):
-                kinds2[kernel_kind(name)] += us / 1000
-            out["native_group_norm_kernels_ms"] = kinds2
-            cplain = plain = None  # noqa: F841
         dec = copy.deepcopy(vae.decoder).to(memory_format=torch.channels_last)
         dec._compiled_call_impl = None
         x = (lat * 1.0).contiguous(memory_format=torch.channels_last)

@@ -23,7 +23,7 @@ import threading
 import torch
 from torch import nn
 
-from . import fast_attention, group_norm
+from . import fast_attention
 
 TRANSFORMER_BLOCK = "ZImageTransformerBlock"
 # auto: on CUDA, compile in the background while the first images run eagerly; off on a CPU.
@@ -203,11 +203,7 @@ def set_text_encoder(text_encoder: nn.Module, on: bool) -> None:
 
 
 def set_vae(vae: nn.Module, on: bool) -> None:
-    if on:
-        group_norm.install(vae.decoder)  # its compiled GroupNorms take their statistics in two levels
     _set([vae.decoder], on)
-    if not on:
-        group_norm.uninstall(vae.decoder)
 
 
 def tracing_context():
