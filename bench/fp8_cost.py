@@ -406,6 +406,7 @@ class Fp8Cost:
         out = {"profile": step_anatomy.profile_steps(self.pipe, self.request, cuda,
                                                      steps=(self.steps, max(1, self.steps // 2)))}
         self.save()
+        out["text_encode"] = step_anatomy.text_encode_profile(self.pipe, cuda)
         out["cuda_graphs"] = step_anatomy.cuda_graph_step(self.pipe, self.size) if cuda else {"skipped": "CPU"}
         out["vae"] = step_anatomy.vae_variants(self.pipe, self.size, cuda)
         return out
@@ -468,6 +469,9 @@ class Fp8Cost:
                             fp8_latent_rel_err=q["latent_rel_err_mean"])
             self.save()
         if self.device.type == "cuda":
+            from bench import step_anatomy
+
+            out["text_encode"] = step_anatomy.text_encode_profile(self.pipe, True)  # the fp8-weight encoder's
             off = self.measure(memory="offload_text_encoder", runs=max(1, self.runs // 2))
             out["offload_text_encoder"] = off
             self.res["fp8_offload_peak_gib"] = off["peak_gib"]
@@ -912,6 +916,12 @@ def render_anatomy(a: dict) -> list[str]:
                   f"step; bit-identical {g.get('bit_identical')}, max diff {g.get('max_abs_diff_vs_normal')})"
                   + (f"; capture failed: {g['capture_error']}" if g.get("capture_error") else "")
                   + (f"; {g['skipped']}" if g.get("skipped") else "")]
+    te = a.get("text_encode") or {}
+    if te:
+        lines += [f"- text encode of a new {te.get('tokens')}-token prompt ({'compiled' if te.get('compiled') else 'eager'}): "
+                  f"{_f(te.get('wall_ms'), '{:.1f} ms')} wall; under the profiler {_f(te.get('profiled_wall_ms'), '{:.1f} ms')} "
+                  f"of which the GPU was busy {_f(te.get('gpu_busy_ms'), '{:.1f} ms')} ({te.get('kernels')} kernels: "
+                  + ", ".join(f"{k} {_f(x, '{:.1f}')}" for k, x in (te.get("kernels_ms") or {}).items()) + ")"]
     v = a.get("vae") or {}
     if v:
         lines += [f"- VAE decode: as run {_f(v.get('as_run_ms'), '{:.1f} ms')} (kernels: "

@@ -88,6 +88,41 @@ def profile_steps(pipe, make_request, cuda: bool, steps=(8, 4)) -> dict:
             "how": f"kernels of a {hi}-step minus a {lo}-step generate, divided by {hi - lo}"}
 
 
+def text_encode_profile(pipe, cuda: bool, runs: int = 5) -> dict:
+    """A new prompt's encoding: wall time vs the GPU's busy time (kernels by kind), i.e. GPU- or host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from zimage_turbo.engine.sampling import acceleration
+
+    sync = (lambda: torch.cuda.synchronize(pipe.device)) if cuda else (lambda: None)
+    prompts = [f"a harbour at dusk number {i}, fishing boats, lanterns, 渔船, gentle rain, take encode" for i in range(runs + 2)]
+    walls = []
+    compiled = acceleration.is_compiled(pipe.text_encoder)
+    with torch.inference_mode(), acceleration.tracing_context(), acceleration.compiled_calls(compiled):
+        pipe.encode(prompts[0])
+        for p in prompts[1:-1]:
+            sync()
+            t0 = time.perf_counter()
+            pipe.encode(p)
+            sync()
+            walls.append((time.perf_counter() - t0) * 1000)
+        with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+            sync()
+            t0 = time.perf_counter()
+            _, _, tokens, _ = pipe.encode(prompts[-1])
+            sync()
+            wall_profiled = (time.perf_counter() - t0) * 1000
+    kinds = dict.fromkeys(KINDS, 0.0)
+    n = 0
+    for name, us in _kernel_events(prof, cuda):
+        kinds[kernel_kind(name)] += us / 1000
+        n += 1
+    busy = sum(kinds.values())
+    return {"wall_ms": statistics.median(walls), "wall_all_ms": walls, "tokens": tokens, "compiled": compiled,
+            "profiled_wall_ms": wall_profiled, "gpu_busy_ms": busy, "kernels": n, "kernels_ms": kinds,
+            "gpu_idle_share": 1 - busy / wall_profiled if wall_profiled else None}
+
+
 def _event_ms(fn, n: int) -> list[float]:
     out = []
     for _ in range(n):
