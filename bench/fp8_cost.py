@@ -385,6 +385,10 @@ class Fp8Cost:
         out["first_call"] = self.first_call()
         out["compile_cache_files"] = self.compile_cache_files()
         out["at_size"] = self.measure()
+        if self.device.type == "cuda":
+            from bench import step_anatomy
+
+            out["text_encode"] = step_anatomy.text_encode_profile(self.pipe, True)
         self.refs = self.quality_images(self.quality_prompts, self.quality_seeds, self.size)
         out["quality_refs"] = len(self.refs["images"])
         out["lora"] = self.lora_switches()
