@@ -311,7 +311,7 @@ class Fp8Cost:
             peaks.append(peak_gib(self.device))
         return {"e2e_s": median(e2e), "e2e_all_s": e2e, "step_ms": median(steps) * 1000, "vae_ms": median(vae) * 1000,
                 "text_encode_ms": median(te) * 1000, "peak_gib": max(peaks) if peaks[0] is not None else None,
-                "compile_path": result.report.compile_path, "vae_path": result.report.vae_path, "runs": len(e2e)}
+                "compile_path": result.report.compile_path, "runs": len(e2e)}
 
     def first_call(self) -> dict:
         """The first image on a fresh pipeline: with compile "on" it waits for the compile (every padding case)."""
@@ -934,10 +934,6 @@ def render_anatomy(a: dict) -> list[str]:
                   f"{_f(v.get('channels_last_eager_ms'), '{:.1f} ms')}, channels-last compiled "
                   f"{_f(v.get('channels_last_compiled_ms'), '{:.1f} ms')} (max diff "
                   f"{v.get('channels_last_max_abs_diff')})"]
-        if v.get("sized_ms") is not None:
-            lines += [f"- VAE decode as the compiled pipeline runs it at this size (sized_vae.py: channels-last, "
-                      f"compiled for this shape): {_f(v.get('sized_ms'), '{:.1f} ms')} (kernels: "
-                      + ", ".join(f"{k} {_f(x, '{:.1f}')}" for k, x in (v.get("sized_kernels_ms") or {}).items()) + ")"]
     return lines + [""]
 
 

@@ -210,15 +210,6 @@ def vae_variants(pipe, size: int, cuda: bool, runs: int = 5) -> dict:
         for name, us in _kernel_events(prof, cuda):
             kinds[kernel_kind(name)] += us / 1000
         out["as_run_kernels_ms"] = kinds
-        if pipe.sized_vae.usable(lat):  # what the pipeline runs at this shape (sized_vae.py)
-            out["sized_ms"] = timed(lambda: pipe.sized_vae.decode(lat))
-            with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof_s:
-                pipe.sized_vae.decode(lat)
-                sync()
-            kinds_s = dict.fromkeys(KINDS, 0.0)
-            for name, us in _kernel_events(prof_s, cuda):
-                kinds_s[kernel_kind(name)] += us / 1000
-            out["sized_kernels_ms"] = kinds_s
         with acceleration.compiled_calls(False):
             out["eager_ms"] = timed(lambda: vae.decode(lat, return_dict=False))
         dec = copy.deepcopy(vae.decoder).to(memory_format=torch.channels_last)

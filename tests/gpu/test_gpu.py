@@ -220,22 +220,3 @@ def test_true_size_step_times_on_the_second_gpu_match_the_first(fresh_engine):
         engine_pipeline.release_all()
     for a, b in zip(steps["cuda:0"], steps["cuda:1"]):
         assert b == pytest.approx(a, rel=0.15)
-
-
-def test_compiled_images_at_the_warm_up_size_use_the_decoder_compiled_for_it(tiny, fresh_engine, cuda0, monkeypatch):
-    """sized_vae.py: the warm-up compiles the decoder for 1024², batch 1; those images use it, other shapes the
-    decoder compiled for any size, and both give the same image within bf16 rounding."""
-    pipe = get_pipeline(DiffusersFolder(tiny["built"].diffusers_dir), cuda0, torch.bfloat16, "resident", "on")
-    req = GenerationRequest("a red fox, 狐狸, soft light", width=1024, height=1024, seed=3, steps=2)
-    out = pipe.generate(req)
-    assert out.report.compiled and out.report.vae_path == "compiled for this size", out.report.vae_path
-    assert "(compiled for this size)" in out.report.to_text()
-    assert torch.equal(pipe.generate(req).images, out.images)  # the same path, the same bits
-    monkeypatch.setattr(pipe.sized_vae, "usable", lambda z: False)
-    anysize = pipe.generate(req)
-    assert anysize.report.vae_path == "compiled"
-    diff = (anysize.images - out.images).abs()
-    assert diff.max() < 0.05 and diff.mean() < 2e-3, (diff.max().item(), diff.mean().item())
-    monkeypatch.undo()
-    other = pipe.generate(GenerationRequest("a red fox", width=512, height=768, seed=3, steps=2))
-    assert other.report.vae_path == "compiled" and torch.isfinite(other.images).all()

@@ -47,7 +47,6 @@ class RunReport:
     prompt_tokens: int = 0
     prompt_truncated: bool = False
     vae_fp32_fallback: bool = False
-    vae_path: str = ""  # eager / compiled (any size) / compiled for this size (sized_vae.py)
     compiled: bool = False  # the compiled code ran
     compile_path: str = ""  # eager (compile off) / eager (compiling in the background) / compiled / ...
     lora_slots_rebuilt: bool = False
@@ -157,8 +156,7 @@ class RunReport:
         lines.append(f"text encode  {ms(self.text_encode_s)}   ({te_note})")
         lines.append(f"denoise      {ms(self.denoise_s)}   ({self.steps} steps, {self.mean_step_s * 1000:.1f} ms/step)")
         lines.append(
-            f"VAE decode   {ms(self.vae_decode_s)}" + ("   (fp16 overflow: decoded in fp32)" if self.vae_fp32_fallback else
-                                                   f"   ({self.vae_path})" if self.vae_path else "")
+            f"VAE decode   {ms(self.vae_decode_s)}" + ("   (fp16 overflow: decoded in fp32)" if self.vae_fp32_fallback else "")
         )
         lines.append(f"total        {ms(self.total_s)}")
         lines.append("")

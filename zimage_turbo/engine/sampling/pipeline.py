@@ -39,7 +39,7 @@ from ..model_config import (
 from ..probing import device_stats
 from ..probing.report import RunReport
 from .. import head_start
-from . import acceleration, compile_cache, fp8_mode, fp16_guard, sized_vae
+from . import acceleration, compile_cache, fp8_mode, fp16_guard
 from .placement import BlockStreamer, apply_plan, check_memory_mode, drop_streamers, plan_for
 from .warmup import CompileWarmup
 
@@ -148,7 +148,6 @@ class TurboPipeline:
         self.last_report: RunReport | None = None
         self.lock = threading.Lock()
         self.vae_fp32 = None
-        self.sized_vae = sized_vae.SizedDecoder(self.vae)  # compiled for the warm-up's shape (sized_vae.py)
         self.warmup = CompileWarmup(self)
         signature = _shape_signature(self.transformer, self.text_encoder, self.vae)
         if fp8 is not None:  # fp8 layers compile to other kernels: their artifacts are kept apart
@@ -450,7 +449,7 @@ class TurboPipeline:
         t0 = time.perf_counter()
         with torch.inference_mode():
             vae_latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            image, report.vae_fp32_fallback, report.vae_path = self._decode(vae_latents)
+            image, report.vae_fp32_fallback = self._decode(vae_latents)
             if not bool(torch.isfinite(image).all()):
                 raise NonFiniteError(self._non_finite_message("the VAE decoder returned NaN or infinite pixels", req, lora_rep))
             images = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
@@ -473,23 +472,16 @@ class TurboPipeline:
         causes.append("the model files themselves: check them with `python -m zimage_turbo check FILE` in the node pack's folder")
         return f"{what}, so no image is returned (it would be black). Likely cause: " + "; or ".join(causes) + "."
 
-    def _decode(self, vae_latents: torch.Tensor) -> tuple[torch.Tensor, bool, str]:
-        """(image, decoded again in fp32?, which decoder ran)."""
-        z = vae_latents.to(self.vae.dtype)
-        compiled = acceleration.running_compiled() and acceleration.is_compiled(self.vae)
-        if compiled and self.sized_vae.usable(z):
-            image, path = self.sized_vae.decode(z), "compiled for this size"
-        else:
-            image = self.vae.decode(z, return_dict=False)[0]
-            path = "compiled" if compiled else "eager"
+    def _decode(self, vae_latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        image = self.vae.decode(vae_latents.to(self.vae.dtype), return_dict=False)[0]
         if self.vae.dtype == torch.float16 and not torch.isfinite(image).all():
             # The fp16 VAE overflowed on this image: decode it again in fp32 rather than return NaNs.
             if self.vae_fp32 is None:
                 import copy
 
                 self.vae_fp32 = copy.deepcopy(self.vae).float()
-            return self.vae_fp32.decode(vae_latents.float(), return_dict=False)[0], True, "eager, fp32"
-        return image, False, path
+            return self.vae_fp32.decode(vae_latents.float(), return_dict=False)[0], True
+        return image, False
 
 
 # ---------------------------------------------------------------- registry

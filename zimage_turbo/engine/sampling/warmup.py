@@ -247,12 +247,6 @@ def warm_regions(pipe, everything: bool) -> None:
             (height, width), _ = _transformer_cases(dev)[0]
             z = torch.randn((1, LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE), device=dev, dtype=pipe.vae.dtype)
             pipe.vae.decode(z, return_dict=False)
-            if dev.type == "cuda":  # the decoder for this one shape too (sized_vae.py); a CPU test compiles it itself
-                try:
-                    pipe.sized_vae.compile_for(z)
-                except Exception as exc:  # noqa: BLE001 - the dynamic decoder serves this shape as well
-                    log.warning("zimage_turbo: the VAE decoder for %s could not be compiled (%s: %s); the decoder "
-                                "for any size serves it", tuple(z.shape), type(exc).__name__, str(exc)[:200])
         if stream is not None:
             stream.synchronize()
 
