@@ -88,6 +88,16 @@ def profile_steps(pipe, make_request, cuda: bool, steps=(8, 4)) -> dict:
             "how": f"kernels of a {hi}-step minus a {lo}-step generate, divided by {hi - lo}"}
 
 
+def _ms_by_kind(prof, cuda: bool) -> tuple[dict, int]:
+    """({kind: ms} over KINDS, number of kernels) of a profile."""
+    kinds = dict.fromkeys(KINDS, 0.0)
+    n = 0
+    for name, us in _kernel_events(prof, cuda):
+        kinds[kernel_kind(name)] += us / 1000
+        n += 1
+    return kinds, n
+
+
 def text_encode_profile(pipe, cuda: bool, runs: int = 5) -> dict:
     """A new prompt's encoding: wall time vs the GPU's busy time (kernels by kind), i.e. GPU- or host-bound."""
     from torch.profiler import ProfilerActivity, profile
@@ -112,11 +122,7 @@ def text_encode_profile(pipe, cuda: bool, runs: int = 5) -> dict:
             _, _, tokens, _ = pipe.encode(prompts[-1])
             sync()
             wall_profiled = (time.perf_counter() - t0) * 1000
-    kinds = dict.fromkeys(KINDS, 0.0)
-    n = 0
-    for name, us in _kernel_events(prof, cuda):
-        kinds[kernel_kind(name)] += us / 1000
-        n += 1
+    kinds, n = _ms_by_kind(prof, cuda)
     busy = sum(kinds.values())
     return {"wall_ms": statistics.median(walls), "wall_all_ms": walls, "tokens": tokens, "compiled": compiled,
             "profiled_wall_ms": wall_profiled, "gpu_busy_ms": busy, "kernels": n, "kernels_ms": kinds,
@@ -206,10 +212,7 @@ def vae_variants(pipe, size: int, cuda: bool, runs: int = 5) -> dict:
             with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
                 vae.decode(lat, return_dict=False)
                 sync()
-        kinds = dict.fromkeys(KINDS, 0.0)
-        for name, us in _kernel_events(prof, cuda):
-            kinds[kernel_kind(name)] += us / 1000
-        out["as_run_kernels_ms"] = kinds
+        out["as_run_kernels_ms"] = _ms_by_kind(prof, cuda)[0]
         with acceleration.compiled_calls(False):
             out["eager_ms"] = timed(lambda: vae.decode(lat, return_dict=False))
         dec = copy.deepcopy(vae.decoder).to(memory_format=torch.channels_last)

@@ -575,7 +575,7 @@ def _components(source, device, dtype, te_on_host, fp8, classes_ready=None, te_k
         # The retired pipelines' encoder, if it was the other precision's, unless a pipeline of other transformer
         # files still uses it (the same encoder file beside two transformers): dropped from the cache while in use,
         # it would be read again, and held twice, by the next loader of that precision.
-        if not any(other_te in p.comps.keys for p in _PIPELINES.values()):
+        if other_te not in _keys_in_use():
             COMPONENTS.drop([other_te])
         if have is not None:
             key = comps.transformer.key
@@ -685,6 +685,11 @@ def release_pipeline(pipe: TurboPipeline, collect: bool = True) -> int:
         return _release(victims, collect)
 
 
+def _keys_in_use() -> set:
+    """The component cache keys some registered pipeline holds (under _REGISTRY_LOCK)."""
+    return {ck for p in _PIPELINES.values() for ck in p.comps.keys}
+
+
 def _release(victims: list[tuple], collect: bool = True) -> int:
     with _REGISTRY_LOCK:
         keys = set()
@@ -692,8 +697,7 @@ def _release(victims: list[tuple], collect: bool = True) -> int:
             pipe = _PIPELINES.pop(k)
             pipe.drop_streamers()
             keys.update(pipe.comps.keys)
-        still_used = {ck for p in _PIPELINES.values() for ck in p.comps.keys}
-        n = COMPONENTS.drop(keys - still_used)
+        n = COMPONENTS.drop(keys - _keys_in_use())
     if collect:
         gc.collect()
     if torch.cuda.is_available():
