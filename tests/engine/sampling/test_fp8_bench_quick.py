@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from bench import fp8_cost
+from bench import fp8_cost, step_anatomy
 from zimage_turbo.engine.sampling import fp8_mode
 
 KEYS = ("e2e_s", "step_ms", "vae_ms", "fp8_e2e_s", "fp8_peak_gib", "fp8_psnr_db", "fp8_latent_rel_err", "sizes")
@@ -45,6 +45,9 @@ def test_quick_run_refuses_fp8_on_the_cpu_and_writes_every_key(tiny, fresh_engin
     # fresh-clone run); on the GPU it is the figure. Here: every kind is a number and the kernels are listed.
     assert all(isinstance(v, float) for v in per_step.values()) and anatomy["profile"]["top_kernels_per_step"]
     assert anatomy["cuda_graphs"] == {"skipped": "CPU"}
+    te = anatomy["text_encode"]  # a new prompt's encode: wall time and the profiled work by kind
+    assert te["tokens"] > 0 and te["wall_ms"] > 0 and len(te["wall_all_ms"]) == 5 and te["kernels"] > 0
+    assert set(te["kernels_ms"]) == set(step_anatomy.KINDS)
     assert anatomy["vae"]["as_run_ms"] > 0 and anatomy["vae"]["channels_last_eager_ms"] > 0
     # the eager step (first images), with our attention processor and with diffusers' own
     eager = res["sections"]["eager_anatomy"]
